@@ -1,0 +1,260 @@
+"""The tap: attaches L_GVA to global layer k of a Megatron-Core GPTModel from outside.
+
+The model is left as it is. A forward hook on the layer whose (global, 1-based)
+``layer_number`` is k takes that layer's output h_k, projects the aligned
+positions with A_phi, computes this rank's share of sum_b L_b, and attaches it
+to h_k with an identity autograd function whose backward adds the L_GVA
+gradient -- the device Megatron-Core uses for MoE auxiliary losses on any
+pipeline stage. So only the stage that holds layer k computes the loss, on
+whichever (virtual) pipeline stage that is.
+
+Scaling. The training objective is L = L_AR + lambda * L_GVA with both terms
+normalised over the *global* batch. Megatron multiplies the returned loss by
+the loss scale S and 1/num_microbatches, and DDP divides every gradient by the
+data-parallel size P. The injected gradient therefore is
+``S * lambda * P / N_gva`` per unit of this rank's partial sum, N_gva being the
+global number of samples with an image (see ``ARRAStep``).
+
+Activation recomputation. Under full recompute the hook runs twice for a
+micro-batch: first inside the no-grad forward, then again during backward. The
+loss is attached (and tracked) only in the pass that builds a graph; the
+micro-batch inputs seen in the no-grad pass are queued and picked up, in the
+same order, by the recompute pass (Megatron's schedules run each model chunk's
+backward passes in forward order).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from arra_megatron.alignment.loss import position_losses
+from arra_megatron.alignment.projector import build_projector
+from arra_megatron.config import ARRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ARRAStep:
+    """What the tap must know about the current global batch before it runs.
+
+    Attributes:
+        num_aligned_samples: N_gva, samples with a non-empty P_b in the *global* batch.
+        data_parallel_size: P; DDP divides gradients by it.
+        loss_scale: S, the fp16 loss scale (1.0 for bf16/fp32).
+    """
+
+    num_aligned_samples: int
+    data_parallel_size: int = 1
+    loss_scale: float = 1.0
+
+
+@dataclasses.dataclass
+class AlignmentInputs:
+    """One micro-batch's alignment inputs (full sequence, whatever the parallel layout).
+
+    Attributes:
+        weights: [b, s] float, w_t = 1/|P_b| on aligned positions, 0 elsewhere.
+        targets: [b, D], f_GF per sample.
+    """
+
+    weights: torch.Tensor
+    targets: torch.Tensor
+
+
+class GVAGradInjector(torch.autograd.Function):
+    """Identity on the hidden state; its backward also sends ``scale`` into the loss graph."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        ctx.scale = scale
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad_hidden: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_hidden, torch.full_like(loss, ctx.scale), None
+
+
+class ARRAModelChunk(MegatronModule):
+    """A model chunk with the projector beside it.
+
+    The GPT stays ``self.module`` (so Megatron's ``get_attr_wrapped_model`` finds
+    ``set_input_tensor`` and friends) and its state dict keys are untouched; the
+    projector's keys live under ``arra_projector.`` in the sharded state dict, and
+    it is never part of an exported model.
+    """
+
+    def __init__(self, gpt: MegatronModule, projector: MegatronModule):
+        super().__init__(config=gpt.config)
+        self.module = gpt
+        self.arra_projector = projector
+        self.vp_stage = getattr(gpt, "vp_stage", None)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.module.set_input_tensor(input_tensor)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        state = self.module.state_dict(prefix=prefix, keep_vars=keep_vars)
+        state.update(self.arra_projector.state_dict(prefix=f"{prefix}arra_projector.", keep_vars=keep_vars))
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        ours = {k[len("arra_projector."):]: v for k, v in state_dict.items() if k.startswith("arra_projector.")}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith("arra_projector.")}
+        model_keys = self.module.load_state_dict(rest, strict=strict)
+        projector_keys = self.arra_projector.load_state_dict(ours, strict=strict)
+        return torch.nn.modules.module._IncompatibleKeys(
+            model_keys.missing_keys + [f"arra_projector.{k}" for k in projector_keys.missing_keys],
+            model_keys.unexpected_keys + [f"arra_projector.{k}" for k in projector_keys.unexpected_keys],
+        )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
+        state = self.module.sharded_state_dict(prefix, sharded_offsets, metadata)
+        state.update(self.arra_projector.sharded_state_dict(f"{prefix}arra_projector.", (), metadata))
+        return state
+
+
+def find_layer(chunks: Sequence[torch.nn.Module], layer_number: int):
+    """(chunk index, layer module) of global layer ``layer_number`` on this rank, or None."""
+    for index, chunk in enumerate(chunks):
+        decoder = getattr(chunk, "decoder", None)
+        for layer in getattr(decoder, "layers", ()):
+            if layer.layer_number == layer_number:
+                return index, layer
+    return None
+
+
+class ARRATap:
+    """Computes L_GVA at layer k and tracks it for logging.
+
+    Usage per training step (see training/forward_step.py)::
+
+        tap.begin_step(ARRAStep(...))
+        # inside the forward step, around each micro-batch's model call:
+        with tap.microbatch(AlignmentInputs(weights, targets)):
+            output = model(...)
+        metrics = tap.end_step()   # {"gva loss", "gva cos"}, reduced over TP/PP/DP
+    """
+
+    def __init__(self, arra: ARRAConfig, config, seed: int = 0):
+        self.arra = arra
+        self.config = config
+        self.seed = seed
+        self.layer = None
+        self.projector: Optional[MegatronModule] = None
+        self._handle = None
+        self._step: Optional[ARRAStep] = None
+        self._current: Optional[AlignmentInputs] = None
+        self._deferred: collections.deque = collections.deque()
+        self._sums: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+        """Hook layer k in whichever of this rank's chunks holds it; return the chunk list
+        with that chunk wrapped in an ``ARRAModelChunk`` that carries the projector."""
+        if self._handle is not None:
+            raise RuntimeError("this ARRATap is already attached")
+        found = find_layer(chunks, self.arra.align_layer)
+        chunks = list(chunks)
+        if found is None:
+            return chunks
+        index, self.layer = found
+        self.projector = build_projector(self.arra, self.config, seed=self.seed)
+        chunks[index] = ARRAModelChunk(chunks[index], self.projector)
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return chunks
+
+    @property
+    def holds_layer(self) -> bool:
+        return self.layer is not None
+
+    # ------------------------------------------------------------------ steps
+    def begin_step(self, step: ARRAStep) -> None:
+        self._step = step
+        self._deferred.clear()
+        self._sums = None
+
+    @contextlib.contextmanager
+    def microbatch(self, inputs: AlignmentInputs) -> Iterator[None]:
+        self._current = inputs
+        try:
+            yield
+        finally:
+            self._current = None
+
+    def end_step(self) -> Dict[str, float]:
+        """L_GVA and the mean cosine of the step, identical on every rank.
+
+        Collective: every rank of the model-parallel and data-parallel groups must call it.
+        """
+        if self._step is None:
+            raise RuntimeError("ARRATap.end_step() without begin_step()")
+        if self._deferred:
+            raise RuntimeError(
+                f"{len(self._deferred)} recomputed micro-batch(es) never ran their backward pass"
+            )
+        sums = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+        if self._sums is not None:
+            sums += self._sums
+        if self.config.sequence_parallel:
+            torch.distributed.all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
+        torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        count = max(int(self._step.num_aligned_samples), 1)
+        self._step = None
+        return {"gva loss": float(sums[0]) / count, "gva cos": float(sums[1]) / count}
+
+    # ------------------------------------------------------------------ the hook
+    def _inputs(self) -> AlignmentInputs:
+        if self._step is None or self._current is None:
+            raise RuntimeError(
+                "layer k ran without alignment inputs: call ARRATap.begin_step() and run the model "
+                "inside ARRATap.microbatch() (training/forward_step.py does both)"
+            )
+        return self._current
+
+    def _hook(self, module, args, output):
+        hidden, context = output if isinstance(output, tuple) else (output, None)
+        if torch.is_grad_enabled():
+            inputs = self._deferred.popleft() if self._deferred else self._inputs()
+            hidden = self._attach(hidden, inputs)
+            return (hidden, context) if isinstance(output, tuple) else hidden
+        if module.training:  # first pass of a recomputed layer: the loss comes with the recompute
+            self._deferred.append(self._inputs())
+        else:  # evaluation: the value only
+            self._partial_sums(hidden, self._inputs())
+        return None
+
+    def _partial_sums(self, hidden: torch.Tensor, inputs: AlignmentInputs):
+        """This rank's share of sum_b L_b (with graph) and of sum_b mean-cos_b."""
+        seq_local = hidden.size(0)
+        start = 0
+        if self.config.sequence_parallel:
+            start = parallel_state.get_tensor_model_parallel_rank() * seq_local
+        weights = inputs.weights[:, start:start + seq_local]  # [b, s_local]
+        selected = weights > 0
+        h = hidden.transpose(0, 1)[selected]  # [m, H], in (sample, position) order
+        targets = inputs.targets.unsqueeze(1).expand(-1, seq_local, -1)[selected]
+        w = weights[selected]
+        losses, cos = position_losses(self.projector(h), targets, self.arra.objective)
+        loss_sum = (w * losses).sum()
+        cos_sum = (w * cos).sum()
+        sums = torch.stack([loss_sum.detach(), cos_sum]).double()
+        self._sums = sums if self._sums is None else self._sums + sums
+        return loss_sum
+
+    def _attach(self, hidden: torch.Tensor, inputs: AlignmentInputs) -> torch.Tensor:
+        loss_sum = self._partial_sums(hidden, inputs)
+        step = self._step
+        scale = step.loss_scale * self.arra.weight * step.data_parallel_size / max(step.num_aligned_samples, 1)
+        return GVAGradInjector.apply(hidden, loss_sum, scale)

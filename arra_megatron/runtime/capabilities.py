@@ -1,0 +1,80 @@
+"""What this process can use: GPU, Transformer Engine, apex, DALI GPU decode.
+
+Every optional accelerator path in the project asks here, so a missing
+library produces one clear message instead of an ImportError deep inside a
+training step.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+#: megatron-core minor versions whose CUDA assumptions the CPU mode was
+#: written against and tested on. Others are refused (see cpu_mode.py).
+TESTED_MEGATRON_MINORS = ("0.19",)
+
+
+@functools.cache
+def has_gpu() -> bool:
+    """A usable CUDA device (not merely a CUDA build of torch)."""
+    if os.environ.get("ARRA_FORCE_CPU", "0") == "1":
+        return False
+    try:
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except RuntimeError:
+        return False
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def has_transformer_engine() -> bool:
+    """Transformer Engine is importable *and* a GPU is present to run it."""
+    if not (has_gpu() and _importable("transformer_engine")):
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install must not take the CPU path down
+        return False
+    return True
+
+
+@functools.cache
+def has_apex() -> bool:
+    return has_gpu() and _importable("apex")
+
+
+@functools.cache
+def has_dali_gpu() -> bool:
+    return has_gpu() and _importable("nvidia.dali")
+
+
+def megatron_core_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def megatron_minor(version: str | None = None) -> str:
+    version = version or megatron_core_version()
+    return ".".join(version.split(".")[:2])
+
+
+def require_fp8_support(flag: str = "--fp8-format") -> None:
+    """Fail before any work when FP8 is asked for but cannot run."""
+    if not has_gpu():
+        raise RuntimeError(f"{flag} needs a CUDA GPU; none is available. Drop {flag} to train in bf16/fp32.")
+    if not has_transformer_engine():
+        raise RuntimeError(
+            f"{flag} needs Transformer Engine (pip install 'arra-megatron[gpu]' or an NGC PyTorch "
+            f"container); it is not importable. Drop {flag} to train in bf16/fp32."
+        )

@@ -1,0 +1,162 @@
+"""Forward step and loss function for Megatron-Core's ``get_forward_backward_func``.
+
+Both terms of L = L_AR + lambda * L_GVA are normalised over the *global* batch
+(ARRA_METHOD.md): L_AR is the mean over every counted target token of the
+global batch, L_GVA the mean of L_b over the samples with an image. The
+denominators are counted from the step's micro-batches before the schedule
+runs (``begin_step``, one all-reduce over data parallel), so the result does
+not depend on how the batch is cut into micro-batches or data-parallel ranks.
+
+A micro-batch is a dict of tensors:
+
+    tokens [b, s] int, labels [b, s] int, loss_mask [b, s] float,
+    position_ids [b, s] int, arra_targets [b, D] float (needed when ARRA is on),
+    arra_valid [b] bool (optional: False masks a sample's L_GVA term, e.g. its
+    image failed to decode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from arra_megatron.alignment.loss import alignment_mask, num_aligned_samples, position_weights
+from arra_megatron.alignment.tap import AlignmentInputs, ARRAStep, ARRATap
+from arra_megatron.config import ARRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepNormalizers:
+    """Global denominators of one training step."""
+
+    num_loss_tokens: int
+    num_aligned_samples: int
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over a vocabulary split across the TP group (differentiable)."""
+    local_max = logits.max(dim=-1).values.detach()
+    torch.distributed.all_reduce(
+        local_max, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+    )
+    sum_exp = torch.exp(logits - local_max.unsqueeze(-1)).sum(dim=-1)
+    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
+    return local_max + torch.log(sum_exp)
+
+
+class ARRAForwardStep:
+    """``forward_step_func(data_iterator, model)`` for ARRA (or plain GPT when ARRA is off).
+
+    Per training step::
+
+        step.begin_step(microbatches)                       # collective over DP
+        losses = forward_backward_func(forward_step_func=step, data_iterator=iter(microbatches), ...)
+        metrics = step.end_step(losses)                     # collective over TP/PP/DP
+    """
+
+    def __init__(
+        self,
+        arra: ARRAConfig,
+        image_token_range: Tuple[int, int],
+        tap: Optional[ARRATap] = None,
+        z_loss_weight: float = 0.0,
+    ):
+        if arra.enabled and tap is None:
+            raise ValueError("ARRA is enabled but no ARRATap was given")
+        self.arra = arra
+        self.image_token_range = tuple(image_token_range)
+        self.tap = tap if arra.enabled else None
+        self.z_loss_weight = z_loss_weight
+        self._lm_scale: Optional[float] = None
+
+    # ----------------------------------------------------------------- per step
+    def alignment_weights(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = alignment_mask(batch["labels"], self.image_token_range, self.arra.target)
+        if "arra_valid" in batch:
+            mask = mask & batch["arra_valid"].bool().unsqueeze(1)
+        return mask
+
+    def normalizers(self, microbatches: Iterable[Dict[str, torch.Tensor]]) -> StepNormalizers:
+        """Count this DP rank's loss tokens and aligned samples, summed over the DP group."""
+        counts = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+        for batch in microbatches:
+            counts[0] += batch["loss_mask"].sum().double().to(counts.device)
+            if self.arra.enabled:
+                counts[1] += num_aligned_samples(self.alignment_weights(batch)).double().to(counts.device)
+        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return StepNormalizers(int(counts[0]), int(counts[1]))
+
+    def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]], loss_scale: float = 1.0) -> StepNormalizers:
+        """Fix this step's normalisation. ``loss_scale`` is the fp16 loss scale (1.0 otherwise)."""
+        norms = self.normalizers(microbatches)
+        dp = parallel_state.get_data_parallel_world_size()
+        # Megatron divides the returned loss by num_microbatches and DDP divides gradients by dp.
+        self._lm_scale = len(microbatches) * dp / max(norms.num_loss_tokens, 1)
+        if self.tap is not None:
+            self.tap.begin_step(ARRAStep(norms.num_aligned_samples, dp, loss_scale))
+        return norms
+
+    def end_step(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Step metrics, identical on every rank: lm loss, (z loss), gva loss, gva cos, loss."""
+        sums = torch.zeros(3, dtype=torch.float64, device=torch.cuda.current_device())
+        for record in losses_reduced:
+            sums += record["lm"].double().to(sums.device)
+        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        count = max(float(sums[2]), 1.0)
+        metrics = {"lm loss": float(sums[0]) / count}
+        total = metrics["lm loss"]
+        if self.z_loss_weight:
+            metrics["z loss"] = float(sums[1]) / count
+            total += self.z_loss_weight * metrics["z loss"]
+        if self.tap is not None:
+            metrics.update(self.tap.end_step())
+            total += self.arra.weight * metrics["gva loss"]
+        metrics["loss"] = total
+        self._lm_scale = None
+        return metrics
+
+    # ----------------------------------------------------------------- per micro-batch
+    def __call__(self, data_iterator, model):
+        if self._lm_scale is None:
+            raise RuntimeError("ARRAForwardStep.begin_step() must run before the schedule")
+        batch = next(data_iterator)
+        device = torch.cuda.current_device()
+        tokens = batch["tokens"].to(device)
+        labels = batch["labels"].to(device)
+        position_ids = batch["position_ids"].to(device)
+        loss_mask = batch["loss_mask"].to(device).float()
+        want_logits = self.z_loss_weight > 0
+        forward = partial(model, tokens, position_ids, None, labels=None if want_logits else labels)
+        if self.tap is not None:
+            inputs = AlignmentInputs(
+                weights=position_weights(self.alignment_weights(batch)).to(device),
+                targets=batch["arra_targets"].to(device),
+            )
+            with self.tap.microbatch(inputs):
+                output = forward()
+        else:
+            output = forward()
+        return output, partial(self.loss_func, loss_mask, labels if want_logits else None)
+
+    def loss_func(self, loss_mask: torch.Tensor, labels: Optional[torch.Tensor], output: torch.Tensor):
+        """Megatron loss function (2-output form): (loss to backprop, values to report)."""
+        if labels is None:
+            token_loss, z = output.float(), None
+        else:  # output holds the vocab-parallel logits [b, s, v/tp]
+            logits = output.float()
+            # Megatron's cross entropy subtracts the max from its input in place: give it a copy.
+            token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
+            z = vocab_parallel_logsumexp(logits).pow(2)
+        lm_sum = (token_loss * loss_mask).sum()
+        objective = lm_sum
+        z_sum = torch.zeros_like(lm_sum)
+        if z is not None:
+            z_sum = (z * loss_mask).sum()
+            objective = objective + self.z_loss_weight * z_sum
+        report = torch.stack([lm_sum.detach(), z_sum.detach(), loss_mask.sum()])
+        return objective * self._lm_scale, {"lm": report}

@@ -1,0 +1,127 @@
+"""Worker side of the layout-invariance tests: one global batch through one parallel layout."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from arra_megatron.config import ARRAConfig
+from arra_megatron.runtime.distributed import initialize_model_parallel
+from arra_megatron.testing import tiny
+from arra_megatron.training.checkpointing import load_model_weights, save_model_weights
+from arra_megatron.training.forward_step import ARRAForwardStep
+from arra_megatron.training.model import build_model
+
+SEQ = 32
+TARGET_DIM = 16
+GLOBAL_BATCH = 8
+
+
+def arra_config(**overrides) -> ARRAConfig:
+    return ARRAConfig(**{"align_layer": 1, "target_dim": TARGET_DIM, **overrides})
+
+
+def _build(layout: dict, arra: ARRAConfig):
+    tp, pp, vpp = layout.get("tp", 1), layout.get("pp", 1), layout.get("vpp")
+    initialize_model_parallel(tp, pp, vpp, seed=layout.get("seed", 1234))
+    recompute = layout.get("recompute")
+    overrides = {}
+    if recompute == "full":
+        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        overrides = dict(recompute_granularity="selective")
+    config = tiny.tiny_config(tp, pp, vpp, sequence_parallel=layout.get("sp", False),
+                              num_layers=layout.get("num_layers", 4), **overrides)
+    ddp = DistributedDataParallelConfig(
+        use_distributed_optimizer=layout.get("distopt", False),
+        overlap_grad_reduce=layout.get("overlap", False),
+    )
+    return build_model(config, arra, tiny.VOCAB_SIZE, SEQ, ddp_config=ddp)
+
+
+def save_reference(ckpt_dir: str, arra_kwargs: dict) -> None:
+    """Random full weights (TP1/PP1), saved once with dist checkpointing."""
+    bundle = _build({"seed": 7}, arra_config(**arra_kwargs))
+    with torch.no_grad():  # RMSNorm weights start at one: make them matter too
+        for name, param in bundle.chunks[0].named_parameters():
+            if "layernorm" in name or "final_layernorm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+            if "arra_projector" in name and "bias" in name:
+                param.normal_(0.0, 0.02)
+    save_model_weights(bundle.chunks, ckpt_dir)
+
+
+def _unwrap(chunk):
+    module = chunk.module  # DDP -> chunk
+    return getattr(module, "module", module), getattr(module, "arra_projector", None)
+
+
+def _tp_full(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return grad.clone()
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(grad) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, grad.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def _gather_distributed_optimizer_grads(chunks) -> None:
+    """After reduce-scatter each DP rank holds its shard of the reduced grads; rebuild the full buffers."""
+    for chunk in chunks:
+        for group in chunk.bucket_groups:
+            comm = group.intra_distributed_optimizer_instance_group
+            rank = torch.distributed.get_rank(comm)
+            for bucket in group.buckets:
+                shard = shard_buffer(bucket.grad_data, comm.size())[rank].clone()
+                torch.distributed.all_gather_into_tensor(bucket.grad_data, shard, group=comm)
+
+
+def collect_grads(bundle, num_layers: int, align_layer: int) -> dict:
+    """Full (TP-gathered) gradients of the watched parameters held by this rank's stage."""
+    wanted = {}
+    for chunk in bundle.chunks:
+        gpt, projector = _unwrap(chunk)
+        if gpt.pre_process:
+            wanted["word_embeddings"] = gpt.embedding.word_embeddings.weight
+        if gpt.post_process:
+            wanted["output_layer"] = gpt.output_layer.weight
+        for layer in gpt.decoder.layers:
+            if layer.layer_number == align_layer:
+                wanted[f"layer{align_layer}.linear_qkv"] = layer.self_attention.linear_qkv.weight
+            if layer.layer_number == num_layers:
+                wanted[f"layer{num_layers}.linear_fc2"] = layer.mlp.linear_fc2.weight
+        if projector is not None:
+            for name, param in projector.named_parameters():
+                wanted[f"projector.{name}"] = param
+    return {name: _tp_full(p, p.main_grad).double() for name, p in sorted(wanted.items())}
+
+
+def run_layout(ckpt_dir: str, layout: dict, arra_kwargs: dict) -> dict:
+    """Load the reference weights into ``layout``, run one global batch, report losses and grads."""
+    arra = arra_config(**arra_kwargs)
+    bundle = _build(layout, arra)
+    load_model_weights(bundle.chunks, ckpt_dir)
+
+    dp = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    samples = tiny.synthetic_samples(GLOBAL_BATCH, SEQ, target_dim=TARGET_DIM, seed=11, text_only_every=3)
+    mbs = tiny.microbatches(samples, layout.get("mbs", 2), dp_rank, dp)
+
+    step = ARRAForwardStep(arra, tiny.IMAGE_TOKEN_RANGE, bundle.tap, z_loss_weight=layout.get("z_loss", 0.0))
+    for chunk in bundle.chunks:
+        chunk.zero_grad_buffer()
+    step.begin_step(mbs)
+    data = [iter(mbs) for _ in bundle.chunks] if len(bundle.chunks) > 1 else iter(mbs)
+    losses = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=data, model=bundle.chunks, num_microbatches=len(mbs),
+        seq_length=SEQ, micro_batch_size=layout.get("mbs", 2), forward_only=False,
+    )
+    metrics = step.end_step(losses)
+    if layout.get("distopt"):
+        _gather_distributed_optimizer_grads(bundle.chunks)
+    grads = collect_grads(bundle, bundle.config.num_layers, arra.align_layer)
+    keep = parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+    return {"metrics": metrics, "grads": grads if keep else {}}
