@@ -42,9 +42,13 @@ def _build(layout: dict, arra: ARRAConfig):
     return build_model(config, arra, tiny.VOCAB_SIZE, SEQ, ddp_config=ddp)
 
 
-def save_reference(ckpt_dir: str, arra_kwargs: dict) -> None:
-    """Random full weights (TP1/PP1), saved once with dist checkpointing."""
-    bundle = _build({"seed": 7}, arra_config(**arra_kwargs))
+def save_reference(ckpt_dir: str) -> None:
+    """Random full weights (TP1/PP1), saved once with dist checkpointing.
+
+    The projector is saved under ``arra_projector.`` whatever layer it taps, so the
+    same checkpoint serves every ``align_layer``.
+    """
+    bundle = _build({"seed": 7}, arra_config())
     with torch.no_grad():  # RMSNorm weights start at one: make them matter too
         for name, param in bundle.chunks[0].named_parameters():
             if "layernorm" in name or "final_layernorm" in name:
@@ -99,9 +103,18 @@ def collect_grads(bundle, num_layers: int, align_layer: int) -> dict:
     return {name: _tp_full(p, p.main_grad).double() for name, p in sorted(wanted.items())}
 
 
-def run_layout(ckpt_dir: str, layout: dict, arra_kwargs: dict) -> dict:
-    """Load the reference weights into ``layout``, run one global batch, report losses and grads."""
-    arra = arra_config(**arra_kwargs)
+def run_layouts(ckpt_dir: str, layouts: list) -> list:
+    """``run_layout`` for each layout in turn, in the same processes."""
+    return [run_layout(ckpt_dir, layout) for layout in layouts]
+
+
+def run_layout(ckpt_dir: str, layout: dict) -> dict:
+    """Load the reference weights into ``layout``, run one global batch, report losses and grads.
+
+    ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective),
+    mbs (micro-batch size; the global batch is 8), z_loss, arra (ARRAConfig overrides).
+    """
+    arra = arra_config(**layout.get("arra", {}))
     bundle = _build(layout, arra)
     load_model_weights(bundle.chunks, ckpt_dir)
 
