@@ -46,8 +46,9 @@ def alignment_mask(labels: torch.Tensor, image_token_range: Tuple[int, int], tar
 
 
 def position_weights(mask: torch.Tensor) -> torch.Tensor:
-    """w_t = 1 / |P_b| on aligned positions, 0 elsewhere. [b, s] float32."""
-    mask = mask.float()
+    """w_t = 1 / |P_b| on aligned positions, 0 elsewhere. [b, s] float64, so that the
+    weights add up to exactly one per sample whatever |P_b| is."""
+    mask = mask.double()
     return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
@@ -57,7 +58,7 @@ def num_aligned_samples(mask: torch.Tensor) -> torch.Tensor:
 
 
 def position_losses(pred: torch.Tensor, target: torch.Tensor, objective: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-position alignment loss l_t and cosine, computed in fp32.
+    """Per-position alignment loss l_t and cosine, computed in fp32 (or wider when given wider).
 
     Args:
         pred: A_phi(h_k[t]) for the selected positions, [m, D].
@@ -66,8 +67,9 @@ def position_losses(pred: torch.Tensor, target: torch.Tensor, objective: str) ->
     Returns:
         (l_t, cos_t), each [m]; cos_t carries no gradient (it is for logging).
     """
-    pred = pred.float()
-    target = target.float()
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    pred = pred.to(dtype)
+    target = target.to(dtype)
     cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
     if objective == "cos":
         loss = 1.0 - cos

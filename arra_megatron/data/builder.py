@@ -1,0 +1,401 @@
+"""Offline dataset builder: raw (image, condition) inputs -> an ARRA dataset prefix.
+
+Output (ARCHITECTURE.md, "Datasets on disk"):
+- ``PREFIX.bin/.idx``: Megatron-Core IndexedDataset, one document per sample,
+  ``[BOS] condition [BOI] x_1..x_n [EOI] [EOS]`` (tokenization/profile.py).
+- ``PREFIX.images.npy``: per sample ``(source, offset, length)`` (``IMAGE_REF_DTYPE``);
+  ``source`` indexes the path list in ``PREFIX.images.sources.json``. The image
+  bytes are ``open(path).seek(offset).read(length)``: a member inside a tar shard
+  or a whole image file.
+- ``PREFIX.json``: the manifest, written last; its presence marks a finished dataset.
+  ``"features"`` is reserved for the precomputed ARRA targets written with
+  ``--encoder``: ``{"file": "NAME.features.npy", "dtype": "float16", "shape": [N, D],
+  "encoder": {kind, path, sha256}, "aggregation": "cls|avgpool|concat",
+  "preprocessing": {...}}``, row i belonging to document i; null without an encoder.
+
+Work is split into parts (contiguous ranges of input units: shards, rows, files)
+built independently into ``PREFIX.parts/part-NNNNN.*`` and merged in order with
+``IndexedDatasetBuilder.add_index``. A part is finished when its JSON marker exists:
+the marker is written last and atomically (rename), so a rerun after a crash
+rebuilds only unfinished parts and, since a part's bytes depend only on its inputs
+and the plan (``PREFIX.parts/plan.json``), merges to the same bytes as an
+uninterrupted build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
+
+from arra_megatron.data.readers import SKIP_REASONS, InputSource, check_sample, open_source
+from arra_megatron.tokenization.image import ImageDecodeError, ImageTokenizer, load_rgb
+from arra_megatron.tokenization.profile import TokenizerProfile
+from arra_megatron.tokenization.text import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1"
+MANIFEST_FORMAT = "arra-indexed-dataset"
+IMAGE_REF_DTYPE = np.dtype([("source", "<i4"), ("offset", "<i8"), ("length", "<i8")])
+UNITS_PER_PART = 1000  # default part size for row / file inputs (tar inputs: one shard per part)
+
+
+@dataclass
+class BuildConfig:
+    """Settings of one build; each field is the CLI flag of the same name (tools/build_indexed_dataset.py)."""
+
+    input: str
+    output_prefix: str
+    image_tokenizer: str
+    image_size: int
+    max_seq_length: int
+    text_tokenizer: Optional[str] = None
+    input_kind: str = "auto"
+    image_root: Optional[str] = None
+    image_column: str = "image"
+    caption_column: Optional[str] = None
+    prompt_template: Optional[str] = None
+    workers: int = 1
+    device: str = "auto"
+    num_parts: Optional[int] = None
+    batch_size: int = 16
+    strict: bool = False
+    overwrite: bool = False
+
+
+class StrictModeError(RuntimeError):
+    """--strict and some inputs were skipped; ``skipped`` maps reason -> count."""
+
+    def __init__(self, skipped: Dict[str, int]) -> None:
+        self.skipped = skipped
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.items())
+        super().__init__(f"--strict: {sum(skipped.values())} inputs skipped ({reasons}); "
+                         "fix the inputs or drop --strict")
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Part ``index`` covers input units [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def plan_parts(num_units: int, num_parts: int) -> List[PartSpec]:
+    """Contiguous, near-equal unit ranges; part order is input order."""
+    return [PartSpec(i, i * num_units // num_parts, (i + 1) * num_units // num_parts) for i in range(num_parts)]
+
+
+class OutputPaths:
+    """File names of a dataset prefix and of its parts."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = str(prefix)
+        self.bin, self.idx, self.manifest = f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.json"
+        self.images, self.image_sources = f"{prefix}.images.npy", f"{prefix}.images.sources.json"
+        self.parts_dir = Path(f"{prefix}.parts")
+        self.plan = self.parts_dir / "plan.json"
+
+    def part(self, index: int) -> str:
+        return str(self.parts_dir / f"part-{index:05d}")
+
+    def outputs(self) -> List[str]:
+        return [self.bin, self.idx, self.images, self.image_sources, self.manifest]
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write then rename: a reader (or a resumed build) never sees a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Worker:
+    """What a process needs to build parts; built once per process."""
+
+    source: InputSource
+    text: Optional[TextTokenizer]
+    image: ImageTokenizer
+    profile: TokenizerProfile
+    dtype: Type[np.number]
+    max_seq_length: int
+    batch_size: int
+
+
+def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable[[int], None]) -> Dict[str, Any]:
+    """Tokenize the samples of one part into ``prefix.bin/.idx/.images.npy``, then write the marker ``prefix.json``."""
+    skipped: Counter = Counter()
+    truncated = 0
+    sources: Dict[str, int] = {}
+    refs: List[tuple] = []
+    pending: List[tuple] = []  # (condition ids, image ref, preprocessed pixels)
+    unreported = 0
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=worker.dtype)
+
+    def flush() -> None:
+        nonlocal truncated, unreported
+        if pending:
+            codes = worker.image.encode(torch.stack([pixels for _, _, pixels in pending])).numpy()
+            for (condition, ref, _), sample_codes in zip(pending, codes):
+                tokens, dropped = worker.profile.build_sequence(condition, sample_codes, worker.max_seq_length)
+                truncated += dropped > 0
+                builder.add_item(torch.from_numpy(tokens))
+                builder.end_document()
+                refs.append((sources.setdefault(ref.source, len(sources)), ref.offset, ref.length))
+            pending.clear()
+        progress(unreported)
+        unreported = 0
+
+    for sample in worker.source.read(part.start, part.stop):
+        unreported += 1
+        reason, caption = check_sample(sample, needs_caption=worker.source.condition == "text")
+        if reason is None:
+            try:
+                image = load_rgb(sample.image)
+            except ImageDecodeError as error:
+                logger.debug("%s: %s", sample.key, error)
+                reason = "image_undecodable"
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        if caption is not None:
+            condition = worker.text.encode(caption)
+        else:
+            condition = [worker.profile.class_token(sample.class_id)]
+        pending.append((condition, sample.ref, worker.image.preprocess(image)))
+        if len(pending) >= worker.batch_size:
+            flush()
+    flush()
+    builder.finalize(f"{prefix}.idx")
+    np.save(f"{prefix}.images.npy", np.array(refs, dtype=IMAGE_REF_DTYPE))
+    marker = {"part": part.index, "start": part.start, "stop": part.stop, "num_samples": len(refs),
+              "skipped": dict(sorted(skipped.items())), "text_truncated": truncated, "sources": list(sources)}
+    write_json_atomic(f"{prefix}.json", marker)
+    return marker
+
+
+# Pool workers: one _Worker per process, set by _init_worker (spawned processes share nothing).
+_PROCESS_WORKER: Optional[_Worker] = None
+_PROGRESS_QUEUE: Any = None
+
+
+def _init_worker(config: BuildConfig, source: InputSource, profile: TokenizerProfile,
+                 device_queue: Any, progress_queue: Any) -> None:
+    global _PROCESS_WORKER, _PROGRESS_QUEUE
+    device = device_queue.get()
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
+    _PROGRESS_QUEUE = progress_queue
+    _PROCESS_WORKER = _make_worker(config, source, profile, device)
+
+
+def _build_part_in_pool(part: PartSpec, prefix: str) -> Dict[str, Any]:
+    return _build_part(_PROCESS_WORKER, part, prefix, _PROGRESS_QUEUE.put)
+
+
+def _make_worker(config: BuildConfig, source: InputSource, profile: TokenizerProfile, device: str,
+                 text: Optional[TextTokenizer] = None, image: Optional[ImageTokenizer] = None) -> _Worker:
+    if text is None and config.text_tokenizer:
+        text = TextTokenizer(config.text_tokenizer)
+    if image is None or str(image.device) != device:
+        image = ImageTokenizer(config.image_tokenizer, config.image_size, device=device)
+    return _Worker(source, text, image, profile, DType.optimal_dtype(profile.vocab_size),
+                   config.max_seq_length, config.batch_size)
+
+
+def _devices(config: BuildConfig) -> List[str]:
+    """One device per worker: GPUs round-robin when present (one process per GPU is the intended use), else CPU."""
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return ["cpu"] * config.workers
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is visible")
+    return [f"cuda:{i % torch.cuda.device_count()}" for i in range(config.workers)]
+
+
+def _run_parts(todo: Sequence[PartSpec], config: BuildConfig, paths: OutputPaths, in_process: _Worker,
+               bar: tqdm) -> None:
+    """Build the unfinished parts: in this process for --workers 1, else in a spawned process pool."""
+    devices = _devices(config)
+    if config.workers <= 1:
+        if devices[0] != "cpu":
+            in_process = _make_worker(config, in_process.source, in_process.profile, devices[0], text=in_process.text)
+        for part in todo:
+            _build_part(in_process, part, paths.part(part.index), bar.update)
+        return
+    context = mp.get_context("spawn")  # fork after torch/CUDA initialisation is unsafe
+    device_queue, progress_queue = context.Queue(), context.Queue()
+    for device in devices:
+        device_queue.put(device)
+    pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                               initargs=(config, in_process.source, in_process.profile, device_queue, progress_queue))
+    try:
+        futures = {pool.submit(_build_part_in_pool, part, paths.part(part.index)) for part in todo}
+        while futures:
+            done, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+            while not progress_queue.empty():
+                bar.update(progress_queue.get())
+            for future in done:
+                future.result()  # re-raise a worker's error; finished parts stay for the rerun
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare_output(paths: OutputPaths, overwrite: bool) -> None:
+    """Refuse to replace a finished dataset unless --overwrite; --overwrite also drops unfinished parts."""
+    if os.path.exists(paths.manifest) and not overwrite:
+        raise FileExistsError(f"{paths.manifest} holds a finished dataset; pass --overwrite to rebuild it "
+                              "or choose another --output-prefix")
+    if overwrite:
+        for path in paths.outputs():
+            if os.path.exists(path):
+                os.remove(path)
+        shutil.rmtree(paths.parts_dir, ignore_errors=True)
+    paths.parts_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_plan(paths: OutputPaths, plan: Dict[str, Any]) -> None:
+    """A resumed build must have the plan of the parts already on disk, else its result would mix two builds."""
+    plan = json.loads(json.dumps(plan))  # the form it has after a JSON round trip
+    if paths.plan.exists():
+        previous = json.loads(paths.plan.read_text())
+        if previous != plan:
+            changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+            raise ValueError(f"{paths.parts_dir} holds parts of a build with other settings or inputs "
+                             f"(changed: {changed}); pass --overwrite to start over")
+    else:
+        write_json_atomic(paths.plan, plan)
+
+
+def _merge(parts: Sequence[PartSpec], markers: Sequence[Dict[str, Any]], paths: OutputPaths,
+           dtype: Type[np.number]) -> None:
+    """Concatenate the parts, in order, into the final token and image-reference files."""
+    builder = IndexedDatasetBuilder(paths.bin, dtype=dtype)
+    sources: Dict[str, int] = {}
+    refs = []
+    for part, marker in zip(parts, markers):
+        builder.add_index(paths.part(part.index))
+        part_refs = np.load(f"{paths.part(part.index)}.images.npy")
+        to_global = np.array([sources.setdefault(s, len(sources)) for s in marker["sources"]], dtype=np.int32)
+        if len(part_refs):
+            part_refs["source"] = to_global[part_refs["source"]]
+        refs.append(part_refs)
+    builder.finalize(paths.idx)
+    np.save(paths.images, np.concatenate(refs) if refs else np.empty(0, IMAGE_REF_DTYPE))
+    write_json_atomic(paths.image_sources, list(sources))
+
+
+def format_summary(manifest: Dict[str, Any], paths: OutputPaths, seconds: float) -> str:
+    """A plain table for the end of a build: counts, skips by reason, output sizes, throughput."""
+    counts = manifest["counts"]
+    rows = [("samples written", counts["samples"]), ("text truncated", counts["text_truncated"]),
+            ("skipped (total)", counts["skipped"])]
+    rows += [(f"  {reason}", count) for reason, count in manifest["skipped"].items()]
+    rows += [(os.path.basename(p), f"{os.path.getsize(p) / 2**20:.2f} MiB") for p in paths.outputs()
+             if os.path.exists(p)]
+    rows.append(("throughput", f"{counts['samples'] / max(seconds, 1e-9):.1f} samples/s over {seconds:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def build_dataset(config: BuildConfig) -> Dict[str, Any]:
+    """Build (or resume) the dataset at ``config.output_prefix``; returns the manifest.
+
+    Raises FileExistsError for a finished prefix without --overwrite, ValueError for
+    settings that cannot work (naming the flag), StrictModeError under --strict when
+    any input was skipped (the parts stay, so a rerun without --strict only merges).
+    """
+    started = time.monotonic()
+    paths = OutputPaths(config.output_prefix)
+    source = open_source(config.input, config.input_kind, config.image_root, config.image_column,
+                         config.caption_column, config.prompt_template)
+    if config.prompt_template and source.kind not in ("csv", "jsonl"):
+        raise ValueError(f"--prompt-template applies to csv/jsonl inputs, not to {source.kind}")
+    if source.condition == "text" and not config.text_tokenizer:
+        raise ValueError(f"--text-tokenizer is required for {source.kind} input (its condition is a caption)")
+    text = TextTokenizer(config.text_tokenizer) if config.text_tokenizer else None
+    image = ImageTokenizer(config.image_tokenizer, config.image_size)
+    profile = TokenizerProfile.create(
+        text_vocab_size=text.vocab_size if text else 0,
+        text_special_ids=text.special_ids if text else {},
+        num_classes=len(source.class_names),
+        image_codebook_size=image.codebook_size,
+        image_size=config.image_size,
+        tokens_per_image=image.tokens_per_image,
+        image_preprocessing=image.preprocessing,
+        vq_model=image.identity,
+        text_tokenizer=text.identity if text else None,
+    )
+    profile.condition_budget(config.max_seq_length)  # fail now, not in a worker
+    dtype = DType.optimal_dtype(profile.vocab_size)
+    default_parts = len(source.units) if source.kind == "tar" else math.ceil(len(source.units) / UNITS_PER_PART)
+    parts = plan_parts(len(source.units), config.num_parts or max(1, default_parts))
+
+    _prepare_output(paths, config.overwrite)
+    _check_plan(paths, {"builder_version": BUILDER_VERSION, "input": source.describe(),
+                        "tokenizer_profile": profile.to_dict(), "max_seq_length": config.max_seq_length,
+                        "num_parts": len(parts), "batch_size": config.batch_size})
+    todo = [p for p in parts if not os.path.exists(f"{paths.part(p.index)}.json")]
+    logger.info("%s: %d parts (%d finished earlier), vocabulary %d (%s), %d tokens per image",
+                config.output_prefix, len(parts), len(parts) - len(todo), profile.vocab_size,
+                np.dtype(dtype).name, profile.tokens_per_image)
+    worker = _Worker(source, text, image, profile, dtype, config.max_seq_length, config.batch_size)
+    total = None if source.kind == "tar" else sum(p.stop - p.start for p in todo)
+    with tqdm(total=total, unit="sample", desc="tokenizing", dynamic_ncols=True) as bar:
+        _run_parts(todo, config, paths, worker, bar)
+
+    markers = [json.loads(Path(f"{paths.part(p.index)}.json").read_text()) for p in parts]
+    skipped: Counter = Counter()
+    for marker in markers:
+        skipped.update(marker["skipped"])
+    skipped = dict(sorted(skipped.items()))
+    if config.strict and skipped:
+        raise StrictModeError(skipped)
+    _merge(parts, markers, paths, dtype)
+    num_samples = sum(m["num_samples"] for m in markers)
+    name = os.path.basename(paths.prefix)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "builder_version": BUILDER_VERSION,
+        "num_samples": num_samples,
+        "token_dtype": np.dtype(dtype).name,
+        "max_seq_length": config.max_seq_length,
+        "tokenizer_profile": profile.to_dict(),
+        "input": source.describe(),
+        "counts": {"samples": num_samples, "skipped": sum(skipped.values()),
+                   "text_truncated": sum(m["text_truncated"] for m in markers), "parts": len(parts)},
+        "skipped": skipped,
+        "skip_reasons": {reason: SKIP_REASONS[reason] for reason in skipped},
+        "files": {"tokens": f"{name}.bin", "index": f"{name}.idx", "images": f"{name}.images.npy",
+                  "image_sources": f"{name}.images.sources.json"},
+        "features": None,
+    }
+    write_json_atomic(paths.manifest, manifest)  # last: marks the dataset finished
+    shutil.rmtree(paths.parts_dir)
+    logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
+    return manifest
+
+
+def config_dict(config: BuildConfig) -> Dict[str, Any]:
+    """The config as JSON-friendly data (for logs)."""
+    return asdict(config)
