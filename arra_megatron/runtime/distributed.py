@@ -25,6 +25,11 @@ def initialize_model_parallel(
     the backend is gloo there, NCCL otherwise.
     """
     on_cpu = cpu_mode.maybe_enable_cpu_mode()
+    if "WORLD_SIZE" not in os.environ:  # a plain `python script.py`: a world of one
+        from arra_megatron.testing.launch import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
