@@ -33,7 +33,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
@@ -213,12 +213,9 @@ def _build_part_in_pool(part: PartSpec, prefix: str) -> Dict[str, Any]:
     return _build_part(_PROCESS_WORKER, part, prefix, _PROGRESS_QUEUE.put)
 
 
-def _make_worker(config: BuildConfig, source: InputSource, profile: TokenizerProfile, device: str,
-                 text: Optional[TextTokenizer] = None, image: Optional[ImageTokenizer] = None) -> _Worker:
-    if text is None and config.text_tokenizer:
-        text = TextTokenizer(config.text_tokenizer)
-    if image is None or str(image.device) != device:
-        image = ImageTokenizer(config.image_tokenizer, config.image_size, device=device)
+def _make_worker(config: BuildConfig, source: InputSource, profile: TokenizerProfile, device: str) -> _Worker:
+    text = TextTokenizer(config.text_tokenizer) if config.text_tokenizer else None
+    image = ImageTokenizer(config.image_tokenizer, config.image_size, device=device)
     return _Worker(source, text, image, profile, DType.optimal_dtype(profile.vocab_size),
                    config.max_seq_length, config.batch_size)
 
@@ -239,7 +236,7 @@ def _run_parts(todo: Sequence[PartSpec], config: BuildConfig, paths: OutputPaths
     devices = _devices(config)
     if config.workers <= 1:
         if devices[0] != "cpu":
-            in_process = _make_worker(config, in_process.source, in_process.profile, devices[0], text=in_process.text)
+            in_process = _make_worker(config, in_process.source, in_process.profile, devices[0])
         for part in todo:
             _build_part(in_process, part, paths.part(part.index), bar.update)
         return
@@ -351,8 +348,9 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     default_parts = len(source.units) if source.kind == "tar" else math.ceil(len(source.units) / UNITS_PER_PART)
     parts = plan_parts(len(source.units), config.num_parts or max(1, default_parts))
 
+    description = source.describe()
     _prepare_output(paths, config.overwrite)
-    _check_plan(paths, {"builder_version": BUILDER_VERSION, "input": source.describe(),
+    _check_plan(paths, {"builder_version": BUILDER_VERSION, "input": description,
                         "tokenizer_profile": profile.to_dict(), "max_seq_length": config.max_seq_length,
                         "num_parts": len(parts), "batch_size": config.batch_size})
     todo = [p for p in parts if not os.path.exists(f"{paths.part(p.index)}.json")]
@@ -381,7 +379,7 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
         "token_dtype": np.dtype(dtype).name,
         "max_seq_length": config.max_seq_length,
         "tokenizer_profile": profile.to_dict(),
-        "input": source.describe(),
+        "input": description,
         "counts": {"samples": num_samples, "skipped": sum(skipped.values()),
                    "text_truncated": sum(m["text_truncated"] for m in markers), "parts": len(parts)},
         "skipped": skipped,
@@ -394,8 +392,3 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     shutil.rmtree(paths.parts_dir)
     logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
     return manifest
-
-
-def config_dict(config: BuildConfig) -> Dict[str, Any]:
-    """The config as JSON-friendly data (for logs)."""
-    return asdict(config)

@@ -90,13 +90,22 @@ class ARRAForwardStep:
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         return StepNormalizers(int(counts[0]), int(counts[1]))
 
-    def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]], loss_scale: float = 1.0) -> StepNormalizers:
-        """Fix this step's normalisation. ``loss_scale`` is the fp16 loss scale (1.0 otherwise)."""
+    def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]]) -> StepNormalizers:
+        """Fix this step's normalisation (collective over the data-parallel group).
+
+        The L_GVA gradient is scaled by the same loss scale Megatron's schedule applies
+        to the returned loss: ``config.grad_scale_func`` (the fp16 optimizer's
+        ``scale_loss``), read here, once per step, after the previous step updated it.
+        """
         norms = self.normalizers(microbatches)
         dp = parallel_state.get_data_parallel_world_size()
         # Megatron divides the returned loss by num_microbatches and DDP divides gradients by dp.
         self._lm_scale = len(microbatches) * dp / max(norms.num_loss_tokens, 1)
         if self.tap is not None:
+            scale_func = getattr(self.tap.config, "grad_scale_func", None)
+            loss_scale = 1.0
+            if scale_func is not None:
+                loss_scale = float(scale_func(torch.ones(1, device=torch.cuda.current_device())))
             self.tap.begin_step(ARRAStep(norms.num_aligned_samples, dp, loss_scale))
         return norms
 

@@ -112,7 +112,8 @@ def run_layout(ckpt_dir: str, layout: dict) -> dict:
     """Load the reference weights into ``layout``, run one global batch, report losses and grads.
 
     ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective),
-    mbs (micro-batch size; the global batch is 8), z_loss, arra (ARRAConfig overrides).
+    mbs (micro-batch size; the global batch is 8), z_loss, loss_scale (a constant fp16-style
+    loss scale; gradients are divided by it again before comparison), arra (ARRAConfig overrides).
     """
     arra = arra_config(**layout.get("arra", {}))
     bundle = _build(layout, arra)
@@ -124,6 +125,9 @@ def run_layout(ckpt_dir: str, layout: dict) -> dict:
     mbs = tiny.microbatches(samples, layout.get("mbs", 2), dp_rank, dp)
 
     step = ARRAForwardStep(arra, tiny.IMAGE_TOKEN_RANGE, bundle.tap, z_loss_weight=layout.get("z_loss", 0.0))
+    loss_scale = layout.get("loss_scale", 1.0)
+    if loss_scale != 1.0:  # as the fp16 optimizer's scale_loss does
+        bundle.config.grad_scale_func = lambda loss: loss * loss_scale
     for chunk in bundle.chunks:
         chunk.zero_grad_buffer()
     step.begin_step(mbs)
@@ -136,5 +140,6 @@ def run_layout(ckpt_dir: str, layout: dict) -> dict:
     if layout.get("distopt"):
         _gather_distributed_optimizer_grads(bundle.chunks)
     grads = collect_grads(bundle, bundle.config.num_layers, arra.align_layer)
+    grads = {name: grad / loss_scale for name, grad in grads.items()}
     keep = parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
     return {"metrics": metrics, "grads": grads if keep else {}}

@@ -44,6 +44,7 @@ LAYOUTS = {
         ("DP2 + distributed optimizer", {"distopt": True}),
         ("DP2 + overlapped grad reduce, 1 micro-batch each", {"overlap": True, "mbs": 4}),
         ("TP2 + SP + z-loss", {"tp": 2, "sp": True, "z_loss": 1e-2}),
+        ("PP2, k=3, loss scale 1024", {"pp": 2, "loss_scale": 1024.0, **K3}),
         ("TP2 + SP, mse/rep/pool", {"tp": 2, "sp": True,
                                     "arra": {"objective": "mse", "target": "rep", "projector": "pool"}}),
     ],
