@@ -142,6 +142,9 @@ class ARRAForwardStep:
         want_logits = self.z_loss_weight > 0
         forward = partial(model, tokens, position_ids, None, labels=None if want_logits else labels)
         if self.tap is not None:
+            if "arra_targets" not in batch:
+                raise KeyError("ARRA is on but the micro-batch has no 'arra_targets' (f_GF per sample); "
+                               "give precomputed targets or an encoder, or turn ARRA off with --no-arra")
             inputs = AlignmentInputs(
                 weights=position_weights(self.alignment_weights(batch)).to(device),
                 targets=batch["arra_targets"].to(device),

@@ -44,6 +44,11 @@ def build_model(
         hidden_size=config.hidden_size,
         tensor_model_parallel_size=config.tensor_model_parallel_size,
     )
+    if arra.enabled and config.context_parallel_size > 1:
+        raise NotImplementedError(
+            "ARRA does not support --context-parallel-size > 1 yet (L_GVA would need a CP reduction); "
+            "use tensor or pipeline parallelism instead"
+        )
     chunks = build_gpt_chunks(config, vocab_size, max_sequence_length, backend=backend, **gpt_kwargs)
     tap = None
     if arra.enabled:
