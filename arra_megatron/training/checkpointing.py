@@ -7,8 +7,11 @@ are global, so a checkpoint saved in one TP / PP / VPP layout loads into any oth
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Dict, List
+import os
+import re
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
@@ -43,10 +46,171 @@ def load_model_weights(chunks: List[torch.nn.Module], checkpoint_dir: str) -> No
     sharded = model_sharded_state_dict(chunks)
     loaded = dist_checkpointing.load(sharded, checkpoint_dir)
     for key, chunk in zip(sharded, chunks):
-        result = _unwrap_ddp(chunk).load_state_dict(loaded[key], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"checkpoint {checkpoint_dir} does not fit the model: missing {missing}, "
-                f"unexpected {list(result.unexpected_keys)}"
-            )
+        _load_chunk(chunk, loaded[key], checkpoint_dir)
+
+
+def _load_chunk(chunk: torch.nn.Module, state: dict, checkpoint_dir: str) -> None:
+    result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {checkpoint_dir} does not fit the model: missing {missing}, "
+            f"unexpected {list(result.unexpected_keys)}"
+        )
+
+
+# ---------------------------------------------------------------------------- training checkpoints
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name; written last
+COMPLETE_FILE = "arra_complete.json"  # inside an iteration directory, once every rank has saved
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def _rng_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _optimizer_metadata(optimizer) -> dict:
+    # Fully reshardable: a distributed-optimizer checkpoint loads into another TP / PP / DP layout.
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def training_state_dict(chunks, optimizer, scheduler, iteration: int, consumed_samples: int,
+                        args: Optional[dict], is_loading: bool = False, with_rng: bool = True,
+                        with_optimizer: bool = True) -> dict:
+    state = model_sharded_state_dict(chunks)
+    if with_optimizer and optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                          metadata=_optimizer_metadata(optimizer))
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=_layout(),
+                 args=args or {})
+    if with_rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks, optimizer, scheduler,
+                    args: dict) -> str:
+    """Save everything needed to resume. Collective. The checkpoint counts only once
+    ``arra_complete.json`` and then the tracker file are written, after every rank saved."""
+    path = iteration_dir(root, iteration)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    state = training_state_dict(chunks, optimizer, scheduler, iteration, consumed_samples, args)
+    dist_checkpointing.save(state, path)
+    torch.distributed.barrier()
+    if rank == 0:
+        _atomic_write(os.path.join(path, COMPLETE_FILE),
+                      json.dumps({"iteration": iteration, "consumed_samples": consumed_samples,
+                                  "layout": _layout()}))
+        _atomic_write(os.path.join(root, TRACKER_FILE), str(iteration))
+    torch.distributed.barrier()
+    return path
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_latest_checkpoint(root: str) -> Optional[Tuple[int, str]]:
+    """The newest *complete* checkpoint under ``root`` as (iteration, path), or None.
+
+    Iteration directories without the completion marker (a save interrupted by a
+    crash) are skipped with a warning.
+    """
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        match = re.fullmatch(r"iter_(\d+)", name)
+        if not match:
+            continue
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, COMPLETE_FILE)):
+            found.append((int(match.group(1)), path))
+        else:
+            logger.warning("ignoring incomplete checkpoint %s (no %s: the save did not finish)", path, COMPLETE_FILE)
+    return max(found) if found else None
+
+
+def load_checkpoint(root: str, chunks, optimizer, scheduler, finetune: bool = False,
+                    load_optimizer: bool = True, load_rng: bool = True) -> Tuple[int, int]:
+    """Load the newest complete checkpoint under ``root`` (or ``root`` itself when it is
+    one). Returns (iteration, consumed_samples); (0, 0) with ``finetune`` (weights only).
+
+    The model, projector and optimizer reshard to this run's TP / PP / DP layout; the
+    per-rank RNG states are restored only when the layout is the one that saved them.
+    """
+    if os.path.isfile(os.path.join(root, COMPLETE_FILE)):
+        path = root
+    else:
+        latest = find_latest_checkpoint(root)
+        if latest is None:
+            raise FileNotFoundError(f"--load {root}: no complete checkpoint there")
+        path = latest[1]
+    common = dist_checkpointing.load_common_state_dict(path)
+    same_layout = common.get("layout") == _layout()
+    if load_rng and not same_layout and not finetune:
+        logger.warning("checkpoint %s was saved with layout %s, this run is %s: RNG states not restored",
+                       path, common.get("layout"), _layout())
+    weights_only = finetune
+    state = training_state_dict(
+        chunks, optimizer, None if weights_only else scheduler, 0, 0, None, is_loading=True,
+        with_rng=load_rng and same_layout and not weights_only,
+        with_optimizer=load_optimizer and not weights_only,
+    )
+    for key in ("iteration", "consumed_samples", "layout", "args"):
+        state.pop(key)
+    if weights_only:
+        state.pop("opt_param_scheduler", None)
+    loaded = dist_checkpointing.load(state, path)
+    model_keys = [k for k in model_sharded_state_dict(chunks)]
+    for key, chunk in zip(model_keys, chunks):
+        _load_chunk(chunk, loaded[key], path)
+    if "optimizer" in loaded:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if "opt_param_scheduler" in loaded and scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        from megatron.core import tensor_parallel
+
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    logger.info("loaded checkpoint %s (iteration %s)", path, common.get("iteration"))
+    if weights_only:
+        return 0, 0
+    return int(common["iteration"]), int(common["consumed_samples"])

@@ -1,0 +1,330 @@
+"""Command-line arguments: Megatron-LM's flag names, the ``--arra-*`` flags, and ``--config FILE.yaml``.
+
+Everything is validated before any process group is created: a wrong or
+conflicting setting exits with a message that names the flag to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from arra_megatron.config import AGGREGATIONS, OBJECTIVES, PROJECTORS, TARGETS, ARRAConfig, ARRAConfigError
+
+
+class ArgumentError(ValueError):
+    """A wrong command-line setting; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_arra.py",
+        description="ARRA pretraining on Megatron-Core (launch with torchrun).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file whose keys are these flags (without --); the command line wins")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=False)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--vocab-size", type=int, help="vocabulary size for --mock-data (datasets carry their own)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"])
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8"], default="delayed")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam is AdamW (decoupled decay)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="PREFIX, or weighted blend 'W1 PREFIX1 W2 PREFIX2 ...'")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    g.add_argument("--mock-data", action="store_true", help="synthetic ARRA samples (no --data-path)")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--condition-dropout-prob", type=float, default=0.0,
+                   help="replace the condition with the null condition with this probability (CFG training)")
+    g.add_argument("--loss-on-text", action="store_true", help="also count text targets in L_AR")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only: fresh optimizer, scheduler and iteration count")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+
+    g = p.add_argument_group("validation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--log-json", metavar="PATH", help="one JSON object per iteration (and per evaluation)")
+
+    g = p.add_argument_group("ARRA")
+    g.add_argument("--arra", action=argparse.BooleanOptionalAction, default=True,
+                   help="the global visual alignment term (--no-arra: plain next-token training)")
+    g.add_argument("--arra-align-layer", type=int, default=1, help="k: 1-based global layer aligned")
+    g.add_argument("--arra-weight", type=float, default=1.0, help="lambda, the weight of L_GVA")
+    g.add_argument("--arra-objective", choices=OBJECTIVES, default="cos")
+    g.add_argument("--arra-target", choices=TARGETS, default="hybnext")
+    g.add_argument("--arra-projector", choices=PROJECTORS, default="mlp")
+    g.add_argument("--arra-target-dim", type=int, default=512, help="D, the dimension of f_GF")
+    g.add_argument("--arra-aggregation", choices=AGGREGATIONS, default="cls")
+    g.add_argument("--arra-encoder", help="frozen target encoder for --arra-targets online")
+    g.add_argument("--arra-targets", choices=["precomputed", "online"], default="precomputed")
+    g.add_argument("--z-loss-weight", type=float, default=0.0, help="z-loss weight (1e-5 in the paper's 7B runs)")
+    return p
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ArgumentError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ArgumentError(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest in ("config", "help"):
+            raise ArgumentError(f"--config {path}: unknown key {key!r} (keys are this program's flags)")
+        action = known[dest]
+        if action.type is not None and value is not None and not isinstance(value, list):
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ArgumentError(f"--config {path}: {_flag(dest)} must be one of {list(action.choices)}; got {value!r}")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate. Exits (code 2) with a message naming the flag on any error."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    try:
+        if pre.config:
+            parser.set_defaults(**_yaml_defaults(parser, pre.config))
+        args = parser.parse_args(argv)
+        world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        validate_args(args, world_size)
+    except (ArgumentError, ARRAConfigError) as err:
+        parser.error(str(err))
+    return args
+
+
+def _required(args, names: List[str]) -> None:
+    missing = [_flag(n) for n in names if getattr(args, n) is None]
+    if missing:
+        raise ArgumentError(f"missing required setting(s): {', '.join(missing)}")
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Check every cross-flag rule; fill derived defaults (Megatron-LM's conventions)."""
+    _required(args, ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                     "global_batch_size", "train_iters", "lr"])
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise ArgumentError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                            f"--pipeline-model-parallel-size {pp}")
+    args.data_parallel_size = world_size // (tp * pp)
+    step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % step:
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
+    args.num_microbatches = args.global_batch_size // step
+    if args.hidden_size % args.num_attention_heads:
+        raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                            f"{args.num_attention_heads}")
+    if args.num_attention_heads % tp:
+        raise ArgumentError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                            f"--tensor-model-parallel-size {tp}")
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    if args.num_attention_heads % args.num_query_groups or args.num_query_groups % tp:
+        raise ArgumentError(f"--num-query-groups {args.num_query_groups} must divide --num-attention-heads "
+                            f"and be divisible by --tensor-model-parallel-size {tp}")
+    if args.num_layers % pp:
+        raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers // pp
+        if pp < 2 or per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1 "
+                                f"and must divide the {per_stage} layers of each pipeline stage")
+        args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+        if args.num_microbatches % pp:
+            raise ArgumentError(f"virtual pipeline stages need a number of micro-batches ({args.num_microbatches}) "
+                                f"divisible by --pipeline-model-parallel-size {pp}; change --global-batch-size")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron-LM: meaningless without TP
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are exclusive; choose one")
+    if args.fp8_format:
+        from arra_megatron.runtime.capabilities import require_fp8_support
+
+        try:
+            require_fp8_support("--fp8-format")
+        except RuntimeError as err:
+            raise ArgumentError(str(err)) from None
+    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+        raise ArgumentError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{args.max_position_embeddings}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.mock_data == bool(args.data_path):
+        raise ArgumentError("give exactly one of --data-path and --mock-data")
+    if args.mock_data and args.vocab_size is None:
+        raise ArgumentError("--mock-data needs --vocab-size")
+    if args.data_path:
+        _check_data_path(args.data_path)
+    if args.save_interval is not None and not args.save:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.load and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load}: no such directory")
+    for name in ("log_interval", "eval_interval", "micro_batch_size", "train_iters"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"{_flag(name)} must be >= 1")
+    if args.arra and args.arra_targets == "online" and not args.arra_encoder:
+        raise ArgumentError("--arra-targets online needs --arra-encoder")
+    arra_config(args).validate_for_model(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                                         tensor_model_parallel_size=tp)
+
+
+def data_prefixes(data_path: List[str]) -> List[str]:
+    """The dataset prefixes of ``--data-path`` (with or without blend weights)."""
+    if len(data_path) == 1:
+        return list(data_path)
+    if len(data_path) % 2:
+        raise ArgumentError("--data-path with several datasets takes pairs: 'W1 PREFIX1 W2 PREFIX2 ...'")
+    try:
+        [float(w) for w in data_path[0::2]]
+    except ValueError:
+        raise ArgumentError("--data-path with several datasets takes pairs: 'W1 PREFIX1 W2 PREFIX2 ...'") from None
+    return list(data_path[1::2])
+
+
+def _check_data_path(data_path: List[str]) -> None:
+    for prefix in data_prefixes(data_path):
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise ArgumentError(f"--data-path {prefix}: no dataset there (missing {', '.join(prefix + e for e in missing)})")
+
+
+def arra_config(args: argparse.Namespace) -> ARRAConfig:
+    return ARRAConfig(
+        enabled=args.arra,
+        align_layer=args.arra_align_layer,
+        weight=args.arra_weight,
+        objective=args.arra_objective,
+        target=args.arra_target,
+        projector=args.arra_projector,
+        target_dim=args.arra_target_dim,
+        aggregation=args.arra_aggregation,
+    )
+
+
+def transformer_config(args: argparse.Namespace):
+    """Megatron-Core TransformerConfig from the parsed flags."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        qk_layernorm=args.qk_layernorm,
+        init_method_std=args.init_method_std,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        fp8=args.fp8_format,
+        fp8_recipe=args.fp8_recipe,
+    )
+    return TransformerConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "kv_channels"})
