@@ -8,6 +8,15 @@ if sys.version_info < (3, 12):
     sys.exit("arra_megatron needs Python >= 3.12 (megatron-core >= 0.17 requires it); "
              f"this is Python {sys.version.split()[0]}")
 
+# Datasets and targets: text and VQ tokenizers, image decoding, shard patterns (the builder);
+# CLIP / BiomedCLIP / SAM encoders and the DALI image pipeline (online ARRA targets).
+# DALI: the CUDA 13 build matches torch's cu130 wheel; its CPU backend runs without a GPU.
+DATA = [
+    "sentencepiece>=0.2", "transformers>=4.51", "pillow>=10", "braceexpand",
+    "open_clip_torch>=3.0", "timm>=1.0", "torchvision==0.29.1",
+    "nvidia-dali-cuda130>=2.4; platform_system == 'Linux'",
+]
+
 setup(
     name="arra-megatron",
     version="0.1.0",
@@ -28,6 +37,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "data": DATA,
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", *DATA],
     },
 )

@@ -43,6 +43,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from arra_megatron.data.readers import SKIP_REASONS, InputSource, check_sample, open_source
+from arra_megatron.fileio import write_json_atomic
 from arra_megatron.tokenization.image import ImageDecodeError, ImageTokenizer, load_rgb
 from arra_megatron.tokenization.profile import TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
@@ -117,16 +118,6 @@ class OutputPaths:
 
     def outputs(self) -> List[str]:
         return [self.bin, self.idx, self.images, self.image_sources, self.manifest]
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write then rename: a reader (or a resumed build) never sees a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -222,12 +213,13 @@ def _make_worker(config: BuildConfig, source: InputSource, profile: TokenizerPro
 
 def _devices(config: BuildConfig) -> List[str]:
     """One device per worker: GPUs round-robin when present (one process per GPU is the intended use), else CPU."""
+    workers = max(1, config.workers)
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if not use_cuda:
-        return ["cpu"] * config.workers
+        return ["cpu"] * workers
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is visible")
-    return [f"cuda:{i % torch.cuda.device_count()}" for i in range(config.workers)]
+    return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
 
 
 def _run_parts(todo: Sequence[PartSpec], config: BuildConfig, paths: OutputPaths, in_process: _Worker,

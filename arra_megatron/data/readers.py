@@ -67,7 +67,7 @@ class RawSample:
 
 
 def check_sample(sample: RawSample, needs_caption: bool) -> Tuple[Optional[str], Optional[str]]:
-    """(skip reason or None, caption text or None) for a sample read by any reader."""
+    """(skip reason or None, caption stripped of surrounding whitespace) for a sample from any reader."""
     if sample.skip is not None:
         return sample.skip, None
     if sample.image is None:
@@ -130,10 +130,11 @@ class TarShardSource(InputSource):
         import braceexpand
 
         self.pattern = pattern
+        # Absolute paths: the image reference table must stay valid from any working directory.
         if Path(pattern).is_dir():
-            self.units = sorted(str(p) for p in Path(pattern).glob("*.tar"))
+            self.units = sorted(str(p.absolute()) for p in Path(pattern).glob("*.tar"))
         else:
-            self.units = list(braceexpand.braceexpand(pattern))
+            self.units = [os.path.abspath(p) for p in braceexpand.braceexpand(pattern)]
         if not self.units:
             raise FileNotFoundError(f"--input {pattern}: no tar shards")
 
@@ -227,7 +228,7 @@ class TableSource(InputSource):
                  caption_column: Optional[str], prompt_template: Optional[str]) -> None:
         self.path = Path(path)
         self.kind = kind
-        self.image_root = Path(image_root) if image_root else self.path.parent
+        self.image_root = (Path(image_root) if image_root else self.path.parent).absolute()
         self.image_column = image_column
         self.caption_column = caption_column or ("caption" if prompt_template is None else None)
         self.prompt_template = prompt_template or "{" + self.caption_column + "}"
@@ -249,7 +250,7 @@ class TableSource(InputSource):
 
     def describe(self) -> Dict[str, Any]:
         return {"kind": self.kind, "input": str(self.path.resolve()), "units": len(self.units),
-                "image_root": str(self.image_root.resolve()), "image_column": self.image_column,
+                "image_root": str(self.image_root), "image_column": self.image_column,
                 "prompt_template": self.prompt_template,
                 "fingerprint": _fingerprint([_stat_entry(self.path)])}
 
@@ -289,7 +290,7 @@ class ClassFolderSource(InputSource):
     condition = "class"
 
     def __init__(self, root: str) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         if not self.root.is_dir():
             raise FileNotFoundError(f"--input {root}: not a directory")
         self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -304,7 +305,7 @@ class ClassFolderSource(InputSource):
 
     def describe(self) -> Dict[str, Any]:
         listing = [(os.path.relpath(p, self.root), os.path.getsize(p)) for _, p in self.units]
-        return {"kind": self.kind, "input": str(self.root.resolve()), "units": len(self.units),
+        return {"kind": self.kind, "input": str(self.root), "units": len(self.units),
                 "classes": self.class_names, "fingerprint": _fingerprint(listing)}
 
     def read(self, start: int, stop: int) -> Iterator[RawSample]:

@@ -78,3 +78,9 @@ def require_fp8_support(flag: str = "--fp8-format") -> None:
             f"{flag} needs Transformer Engine (pip install 'arra-megatron[gpu]' or an NGC PyTorch "
             f"container); it is not importable. Drop {flag} to train in bf16/fp32."
         )
+
+
+@functools.cache
+def has_dali() -> bool:
+    """nvidia-dali is importable; its CPU backend (decode, resize) needs no GPU."""
+    return _importable("nvidia.dali")

@@ -94,7 +94,7 @@ def make_image(seed: int, size: Tuple[int, int] = (40, 32)) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
     base += rng.normal(0, 40, size=(height, width, 3)) + rng.integers(0, 120, size=3)
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def encode_image(image: Image.Image, format: str, **params) -> bytes:

@@ -55,7 +55,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64) >> 8
-        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

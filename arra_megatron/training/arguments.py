@@ -21,8 +21,14 @@ class ArgumentError(ValueError):
     """A wrong command-line setting; the message names the flag."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line naming the problem, not the whole usage block (there are ~90 flags)."""
+        self.exit(2, f"{self.prog}: error: {message}\n(run with --help to list the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pretrain_arra.py",
         description="ARRA pretraining on Megatron-Core (launch with torchrun).",
         allow_abbrev=False,
@@ -238,6 +244,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                             f"{args.max_position_embeddings}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
+                            f"{args.lr_decay_iters} (default: --train-iters)")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.mock_data == bool(args.data_path):

@@ -7,7 +7,6 @@ are global, so a checkpoint saved in one TP / PP / VPP layout loads into any oth
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,6 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
+
+from arra_megatron.fileio import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,34 @@ def training_state_dict(chunks, optimizer, scheduler, iteration: int, consumed_s
     return state
 
 
+def _die_with_parent() -> None:
+    """Runs in Megatron's checkpoint-writer manager process: exit when the trainer dies."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _install_writer_queue() -> None:
+    """Megatron's dist-checkpoint writer starts a multiprocessing manager process once per
+    trainer process. If a rank is killed, that manager outlives it, keeping the job's
+    stdout open (``torchrun ... | tee log`` then never ends) and its memory. Start it
+    ourselves, on Linux, with a parent-death signal, and hand Megatron its queue."""
+    import multiprocessing
+    import multiprocessing.managers
+    import sys
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if sys.platform != "linux" or filesystem_async._results_queue is not None:
+        return
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    _install_writer_queue.manager = manager  # keep it alive with the trainer
+
+
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks, optimizer, scheduler,
                     args: dict) -> str:
     """Save everything needed to resume. Collective. The checkpoint counts only once
@@ -125,24 +154,15 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks, op
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
     state = training_state_dict(chunks, optimizer, scheduler, iteration, consumed_samples, args)
+    _install_writer_queue()
     dist_checkpointing.save(state, path)
     torch.distributed.barrier()
     if rank == 0:
-        _atomic_write(os.path.join(path, COMPLETE_FILE),
-                      json.dumps({"iteration": iteration, "consumed_samples": consumed_samples,
-                                  "layout": _layout()}))
-        _atomic_write(os.path.join(root, TRACKER_FILE), str(iteration))
+        write_json_atomic(os.path.join(path, COMPLETE_FILE),
+                          {"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout()})
+        write_json_atomic(os.path.join(root, TRACKER_FILE), iteration)  # the bare number, as Megatron-LM
     torch.distributed.barrier()
     return path
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def find_latest_checkpoint(root: str) -> Optional[Tuple[int, str]]:

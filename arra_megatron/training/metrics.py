@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Dict, Optional
 
 logger = logging.getLogger("arra_megatron.train")
@@ -33,7 +34,10 @@ class MetricsLogger:
         self.is_writer = is_writer
         self.log_interval = log_interval
         self.train_iters = train_iters
-        self._json = open(json_path, "a", encoding="utf-8") if (json_path and is_writer) else None
+        self._json = None
+        if json_path and is_writer:
+            os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+            self._json = open(json_path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir and is_writer:
             from torch.utils.tensorboard import SummaryWriter

@@ -10,8 +10,9 @@ import argparse
 import logging
 import math
 import os
+import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from megatron.core import parallel_state
@@ -162,6 +163,7 @@ class Trainer:
             self.metrics.iteration(last, step_seconds, self.tokens_per_iter, self.flops_per_iter, self.world_size)
             if a.save and a.save_interval and self.iteration % a.save_interval == 0:
                 self.save()
+            _maybe_fail_here(self.iteration, self.rank)
             if a.eval_interval and self.iteration % a.eval_interval == 0 and self.data.valid is not None:
                 self.metrics.evaluation({**_record(self.evaluate(), self.iteration, self.consumed_samples),
                                          "split": "valid"})
@@ -175,6 +177,15 @@ class Trainer:
         path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.consumed_samples,
                                              self.bundle.chunks, self.optimizer, self.scheduler, vars(self.args))
         logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - start)
+
+
+def _maybe_fail_here(iteration: int, rank: int) -> None:
+    """Fault injection for tests: ``ARRA_FAIL_AT=ITERATION:RANK`` kills that rank (SIGKILL)
+    after that iteration, as a crashed node would."""
+    spec = os.environ.get("ARRA_FAIL_AT")
+    if spec and spec == f"{iteration}:{rank}":
+        logger.warning("ARRA_FAIL_AT=%s: killing rank %d", spec, rank)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _record(metrics: Dict[str, float], iteration: int, consumed: int) -> Dict[str, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from arra_megatron.alignment.loss import alignment_mask, num_aligned_samples, position_weights
 from arra_megatron.alignment.tap import AlignmentInputs, ARRAStep, ARRATap
