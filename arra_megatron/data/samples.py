@@ -52,5 +52,5 @@ def sample_from_document(
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack per-sample tensors into a micro-batch."""
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    """Stack per-sample values (tensors, or numpy scalars such as Megatron's ``dataset_id``)."""
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}

@@ -255,6 +255,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError("--mock-data needs --vocab-size")
     if args.data_path:
         _check_data_path(args.data_path)
+        _check_datasets(args)
     if args.save_interval is not None and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.load and not os.path.isdir(args.load):
@@ -286,6 +287,35 @@ def _check_data_path(data_path: List[str]) -> None:
         missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
             raise ArgumentError(f"--data-path {prefix}: no dataset there (missing {', '.join(prefix + e for e in missing)})")
+
+
+def _check_datasets(args: argparse.Namespace) -> None:
+    """The datasets' manifests against the model: vocabulary, sequence length, target dimension."""
+    from arra_megatron.data.dataset import read_manifest
+
+    for prefix in data_prefixes(args.data_path):
+        try:
+            manifest = read_manifest(prefix)
+        except FileNotFoundError as err:
+            raise ArgumentError(f"--data-path {prefix}: {err}") from None
+        profile = manifest["tokenizer_profile"]
+        if args.vocab_size is not None and profile["vocab_size"] > args.vocab_size:
+            raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the vocabulary of --data-path "
+                                f"{prefix} ({profile['vocab_size']}); raise it or drop --vocab-size")
+        longest = manifest.get("max_seq_length")
+        if longest is not None and longest > args.seq_length + 1:
+            raise ArgumentError(f"--data-path {prefix} holds documents of up to {longest} tokens; --seq-length "
+                                f"{args.seq_length} would cut them (use --seq-length {longest - 1})")
+        if args.arra:
+            features = manifest.get("features")
+            if args.arra_targets == "precomputed" and not features:
+                raise ArgumentError(f"--data-path {prefix} has no precomputed ARRA targets: add them with "
+                                    "tools/precompute_features.py, use --arra-targets online, or --no-arra")
+            if args.arra_targets == "precomputed":
+                arra_config(args).validate_for_model(
+                    num_layers=args.num_layers, hidden_size=args.hidden_size,
+                    tensor_model_parallel_size=args.tensor_model_parallel_size,
+                    encoder_dim=int(features["shape"][1]), layout_has_images=profile["tokens_per_image"] > 0)
 
 
 def arra_config(args: argparse.Namespace) -> ARRAConfig:

@@ -1,0 +1,162 @@
+"""ARRADataset: a Megatron-Core ``MegatronDataset`` over a dataset prefix written by the builder.
+
+Built through Megatron's ``BlendedMegatronDatasetBuilder``, so ``--data-path
+"W1 P1 W2 P2"`` blending and ``--split`` work as in Megatron-LM. Per sample it gives
+token ids padded to the sequence length, labels, the loss mask, position ids, the
+sample id and, when the prefix has them, the precomputed ARRA target f_GF
+(``arra_targets``; ``arra_valid`` is False for a sample whose image the encoder could
+not read, so its L_GVA term is dropped). Condition dropout for classifier-free
+guidance replaces the whole condition with the profile's null-condition token with
+probability ``condition_dropout_prob``, decided per (seed, split, sample position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+from megatron.core.datasets.utils import Split
+
+from arra_megatron.data.samples import sample_from_document
+from arra_megatron.tokenization.profile import TokenizerProfile
+
+
+def read_manifest(prefix: str) -> dict:
+    path = f"{prefix}.json"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no manifest; {prefix} is not a finished dataset "
+                                "(build it with tools/build_indexed_dataset.py)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ARRALowLevelDataset:
+    """One prefix on disk: the token documents, and the feature table when present."""
+
+    def __init__(self, prefix: str, with_features: bool):
+        self.prefix = prefix
+        self.manifest = read_manifest(prefix)
+        self.profile = TokenizerProfile.from_dict(self.manifest["tokenizer_profile"])
+        self.documents = IndexedDataset(prefix, mmap=True)
+        self.features = None
+        if with_features:
+            info = self.manifest.get("features")
+            if not info:
+                raise FileNotFoundError(
+                    f"{prefix} has no precomputed ARRA targets: add them with tools/precompute_features.py, "
+                    "or use --arra-targets online --arra-encoder SPEC")
+            self.features = np.load(os.path.join(os.path.dirname(prefix), info["file"]), mmap_mode="r")
+            if len(self.features) != len(self.documents):
+                raise ValueError(f"{prefix}: {len(self.features)} feature rows for {len(self.documents)} samples")
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+
+@dataclass
+class ARRADatasetConfig(BlendedMegatronDatasetConfig):
+    """Megatron's dataset config plus what an ARRA sample needs."""
+
+    profile: Optional[TokenizerProfile] = None
+    condition_dropout_prob: float = 0.0
+    loss_on_text: bool = False
+    with_features: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.profile is None:
+            raise ValueError("ARRADatasetConfig needs the datasets' tokenizer profile")
+        if not 0.0 <= self.condition_dropout_prob < 1.0:
+            raise ValueError(f"--condition-dropout-prob must be in [0, 1); got {self.condition_dropout_prob}")
+
+
+class ARRADataset(MegatronDataset):
+    def __init__(self, dataset: ARRALowLevelDataset, dataset_path: Optional[str], indices: np.ndarray,
+                 num_samples: Optional[int], index_split: Split, config: ARRADatasetConfig) -> None:
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        if dataset.profile != config.profile:
+            raise ValueError(f"{dataset_path}: its tokenizer profile differs from the other datasets' "
+                             "(blended datasets must share one vocabulary layout)")
+        # Epochs of the split's documents, each in its own shuffled order.
+        count = len(indices)
+        epochs = 1 if not num_samples or count == 0 else -(-num_samples // count)
+        rng = np.random.RandomState(config.random_seed)
+        self.sample_index = np.concatenate([indices[rng.permutation(count)] for _ in range(epochs)]) \
+            if count else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: ARRALowLevelDataset) -> int:
+        return len(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: ARRADatasetConfig) -> ARRALowLevelDataset:
+        return ARRALowLevelDataset(dataset_path, config.with_features)
+
+    @staticmethod
+    def _key_config_attributes() -> List[str]:
+        return ["random_seed", "sequence_length", "split", "split_matrix", "condition_dropout_prob",
+                "loss_on_text"]
+
+    def __len__(self) -> int:
+        return len(self.sample_index)
+
+    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+        cfg: ARRADatasetConfig = self.config
+        profile = cfg.profile
+        doc_id = int(self.sample_index[idx])
+        doc = np.asarray(self.dataset.documents[doc_id], dtype=np.int64)
+        if cfg.condition_dropout_prob:
+            rng = np.random.default_rng((cfg.random_seed, self.index_split.value, idx))
+            if rng.random() < cfg.condition_dropout_prob:
+                doc = drop_condition(doc, profile)
+        sample = sample_from_document(doc, cfg.sequence_length, profile.image_token_range, profile.special.eoi,
+                                      profile.special.pad, cfg.loss_on_text)
+        sample["sample_id"] = torch.tensor(doc_id)
+        if self.dataset.features is not None:
+            row = torch.from_numpy(np.asarray(self.dataset.features[doc_id], dtype=np.float32))
+            valid = bool(torch.isfinite(row).all())
+            sample["arra_targets"] = row if valid else torch.zeros_like(row)
+            sample["arra_valid"] = torch.tensor(valid)
+        return sample
+
+
+def drop_condition(document: np.ndarray, profile: TokenizerProfile) -> np.ndarray:
+    """``[BOS] condition [BOI] ...`` -> ``[BOS] [NULL] [BOI] ...`` (the CFG null condition)."""
+    boi = np.flatnonzero(document == profile.special.boi)
+    if len(boi) == 0:
+        return document
+    return np.concatenate([[profile.special.bos, profile.special.null_condition], document[boi[0]:]])
+
+
+def blend_from_data_path(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron-LM's ``--data-path`` convention: ``P`` or ``W1 P1 W2 P2 ...``."""
+    if len(data_path) == 1:
+        return [data_path[0]], None
+    return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
+
+
+def build_arra_datasets(data_path: List[str], split: str, seq_length: int, seed: int,
+                        sizes: List[Optional[int]], condition_dropout_prob: float = 0.0,
+                        loss_on_text: bool = False, with_features: bool = False):
+    """(train, valid, test) datasets, blended and split as Megatron-LM does."""
+    prefixes, weights = blend_from_data_path(data_path)
+    profiles = [TokenizerProfile.from_dict(read_manifest(p)["tokenizer_profile"]) for p in prefixes]
+    for prefix, profile in zip(prefixes[1:], profiles[1:]):
+        if profile != profiles[0]:
+            raise ValueError(f"--data-path: {prefix} has a different tokenizer profile than {prefixes[0]}; "
+                             "blended datasets must share one vocabulary layout")
+    config = ARRADatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        profile=profiles[0], condition_dropout_prob=condition_dropout_prob, loss_on_text=loss_on_text,
+        with_features=with_features, mid_level_dataset_surplus=0.005,
+    )
+    datasets = BlendedMegatronDatasetBuilder(ARRADataset, sizes, lambda: True, config).build()
+    return datasets, profiles[0]
