@@ -6,6 +6,7 @@ import dataclasses
 from typing import List, Optional
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from arra_megatron.alignment.tap import ARRATap
@@ -54,6 +55,10 @@ def build_model(
     if arra.enabled:
         tap = ARRATap(arra, config, seed=seed)
         chunks = tap.attach(chunks)
+    if config.bf16 or config.fp16:
+        # Megatron-LM's order: half-precision wrapper inside DDP; the projector follows the
+        # model's dtype (the GVA loss itself is computed in fp32, see alignment/loss.py).
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = ddp_config or DistributedDataParallelConfig()
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
