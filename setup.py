@@ -38,6 +38,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "data": DATA,
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", *DATA],
+        # `make demo`: real images that ship inside scikit-learn (its 8x8 digits).
+        "demo": ["scikit-learn", *DATA],
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", *DATA],
     },
 )

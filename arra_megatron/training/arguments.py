@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
+    g.add_argument("--exit-interval", type=int,
+                   help="stop (after saving) when the iteration count is a multiple of this")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: fresh optimizer, scheduler and iteration count")
     g.add_argument("--no-load-optim", action="store_true")

@@ -84,6 +84,7 @@ class Trainer:
                 args.load, self.bundle.chunks, self.optimizer, self.scheduler, finetune=args.finetune,
                 load_optimizer=not args.no_load_optim, load_rng=not args.no_load_rng)
         self.skipped_iterations = 0
+        self._saved_iteration = self.iteration if args.load and not args.finetune else None
         self.metrics = MetricsLogger(self.rank == self.world_size - 1, args.log_interval, args.train_iters,
                                      args.log_json, args.tensorboard_dir)
         self.tokens_per_iter = gbs * args.seq_length
@@ -164,15 +165,22 @@ class Trainer:
             if a.save and a.save_interval and self.iteration % a.save_interval == 0:
                 self.save()
             _maybe_fail_here(self.iteration, self.rank)
+            if a.exit_interval and self.iteration % a.exit_interval == 0 and self.iteration < a.train_iters:
+                logger.info("exiting at iteration %d (--exit-interval %d)", self.iteration, a.exit_interval)
+                break
             if a.eval_interval and self.iteration % a.eval_interval == 0 and self.data.valid is not None:
                 self.metrics.evaluation({**_record(self.evaluate(), self.iteration, self.consumed_samples),
                                          "split": "valid"})
-        if a.save and not (a.save_interval and self.iteration % a.save_interval == 0):
+        if a.save:
             self.save()
         self.metrics.close()
         return last
 
     def save(self) -> None:
+        """Checkpoint this iteration (once: a second call at the same iteration does nothing)."""
+        if self._saved_iteration == self.iteration:
+            return
+        self._saved_iteration = self.iteration
         start = time.perf_counter()
         path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.consumed_samples,
                                              self.bundle.chunks, self.optimizer, self.scheduler, vars(self.args))
