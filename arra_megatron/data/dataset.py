@@ -25,6 +25,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
+from arra_megatron.data.image_refs import ImageRefTable, read_image_bytes
 from arra_megatron.data.samples import sample_from_document
 from arra_megatron.tokenization.profile import TokenizerProfile
 
@@ -41,7 +42,7 @@ def read_manifest(prefix: str) -> dict:
 class ARRALowLevelDataset:
     """One prefix on disk: the token documents, and the feature table when present."""
 
-    def __init__(self, prefix: str, with_features: bool):
+    def __init__(self, prefix: str, with_features: bool, with_images: bool = False):
         self.prefix = prefix
         self.manifest = read_manifest(prefix)
         self.profile = TokenizerProfile.from_dict(self.manifest["tokenizer_profile"])
@@ -56,6 +57,7 @@ class ARRALowLevelDataset:
             self.features = np.load(os.path.join(os.path.dirname(prefix), info["file"]), mmap_mode="r")
             if len(self.features) != len(self.documents):
                 raise ValueError(f"{prefix}: {len(self.features)} feature rows for {len(self.documents)} samples")
+        self.images = ImageRefTable.load(prefix) if with_images else None
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -69,6 +71,7 @@ class ARRADatasetConfig(BlendedMegatronDatasetConfig):
     condition_dropout_prob: float = 0.0
     loss_on_text: bool = False
     with_features: bool = False
+    with_images: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,7 +101,7 @@ class ARRADataset(MegatronDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: ARRADatasetConfig) -> ARRALowLevelDataset:
-        return ARRALowLevelDataset(dataset_path, config.with_features)
+        return ARRALowLevelDataset(dataset_path, config.with_features, config.with_images)
 
     @staticmethod
     def _key_config_attributes() -> List[str]:
@@ -125,6 +128,8 @@ class ARRADataset(MegatronDataset):
             valid = bool(torch.isfinite(row).all())
             sample["arra_targets"] = row if valid else torch.zeros_like(row)
             sample["arra_valid"] = torch.tensor(valid)
+        if self.dataset.images is not None:  # online targets: the encoded image, decoded by DALI later
+            sample["image_bytes"] = np.frombuffer(read_image_bytes(self.dataset.images, [doc_id])[0], np.uint8)
         return sample
 
 
@@ -145,7 +150,7 @@ def blend_from_data_path(data_path: List[str]) -> Tuple[List[str], Optional[List
 
 def build_arra_datasets(data_path: List[str], split: str, seq_length: int, seed: int,
                         sizes: List[Optional[int]], condition_dropout_prob: float = 0.0,
-                        loss_on_text: bool = False, with_features: bool = False):
+                        loss_on_text: bool = False, with_features: bool = False, with_images: bool = False):
     """(train, valid, test) datasets, blended and split as Megatron-LM does."""
     prefixes, weights = blend_from_data_path(data_path)
     profiles = [TokenizerProfile.from_dict(read_manifest(p)["tokenizer_profile"]) for p in prefixes]
@@ -156,7 +161,7 @@ def build_arra_datasets(data_path: List[str], split: str, seq_length: int, seed:
     config = ARRADatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         profile=profiles[0], condition_dropout_prob=condition_dropout_prob, loss_on_text=loss_on_text,
-        with_features=with_features, mid_level_dataset_surplus=0.005,
+        with_features=with_features, with_images=with_images, mid_level_dataset_surplus=0.005,
     )
     datasets = BlendedMegatronDatasetBuilder(ARRADataset, sizes, lambda: True, config).build()
     return datasets, profiles[0]

@@ -51,6 +51,12 @@ def sample_from_document(
     }
 
 
+#: Per-sample values of varying size, kept as lists by ``collate``.
+UNSTACKED_KEYS = ("image_bytes",)
+
+
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack per-sample values (tensors, or numpy scalars such as Megatron's ``dataset_id``)."""
-    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
+    """Stack per-sample values (tensors, or numpy scalars such as Megatron's ``dataset_id``);
+    encoded images stay a list."""
+    return {key: [s[key] for s in samples] if key in UNSTACKED_KEYS
+            else torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}

@@ -43,13 +43,11 @@ def build_training_data(args: argparse.Namespace) -> TrainingData:
         return TrainingData(mock, _Offset(mock, _VALID_OFFSET), args.vocab_size, mock.image_token_range)
     from arra_megatron.data.dataset import build_arra_datasets
 
-    if args.arra and args.arra_targets == "online":
-        raise NotImplementedError("--arra-targets online is not wired into the trainer yet; precompute the "
-                                  "targets with tools/precompute_features.py and use --arra-targets precomputed")
     (train, valid, _), profile = build_arra_datasets(
         args.data_path, args.split, args.seq_length, args.seed, dataset_sizes(args),
         condition_dropout_prob=args.condition_dropout_prob, loss_on_text=args.loss_on_text,
         with_features=args.arra and args.arra_targets == "precomputed",
+        with_images=args.arra and args.arra_targets == "online",
     )
     vocab = max(profile.vocab_size, args.vocab_size or 0)
     return TrainingData(train, valid, vocab, profile.image_token_range)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -64,6 +64,7 @@ class ARRAForwardStep:
         image_token_range: Tuple[int, int],
         tap: Optional[ARRATap] = None,
         z_loss_weight: float = 0.0,
+        online_targets: Optional[Callable] = None,
     ):
         if arra.enabled and tap is None:
             raise ValueError("ARRA is enabled but no ARRATap was given")
@@ -71,23 +72,31 @@ class ARRAForwardStep:
         self.image_token_range = tuple(image_token_range)
         self.tap = tap if arra.enabled else None
         self.z_loss_weight = z_loss_weight
+        self.online_targets = online_targets  # image bytes -> (f_GF, valid), on the stage holding layer k
         self._lm_scale: Optional[float] = None
 
     # ----------------------------------------------------------------- per step
     def alignment_weights(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         mask = alignment_mask(batch["labels"], self.image_token_range, self.arra.target)
         if "arra_valid" in batch:
-            mask = mask & batch["arra_valid"].bool().unsqueeze(1)
+            mask = mask & batch["arra_valid"].bool().to(mask.device).unsqueeze(1)
         return mask
 
     def normalizers(self, microbatches: Iterable[Dict[str, torch.Tensor]]) -> StepNormalizers:
-        """Count this DP rank's loss tokens and aligned samples, summed over the DP group."""
+        """Global counts: loss tokens (every stage reads the labels) summed over DP; samples
+        with an image and a valid target, from the stage holding layer k (the only one that
+        knows which online targets failed to decode), summed over DP and shared over PP."""
         counts = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+        holds_layer = self.tap is not None and self.tap.holds_layer
         for batch in microbatches:
             counts[0] += batch["loss_mask"].sum().double().to(counts.device)
-            if self.arra.enabled:
+            if holds_layer:
                 counts[1] += num_aligned_samples(self.alignment_weights(batch)).double().to(counts.device)
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        if self.tap is not None:
+            gva = counts[1:].clone()
+            torch.distributed.all_reduce(gva, group=parallel_state.get_pipeline_model_parallel_group())
+            counts[1:] = gva
         return StepNormalizers(int(counts[0]), int(counts[1]))
 
     def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]]) -> StepNormalizers:
@@ -97,6 +106,9 @@ class ARRAForwardStep:
         to the returned loss: ``config.grad_scale_func`` (the fp16 optimizer's
         ``scale_loss``), read here, once per step, after the previous step updated it.
         """
+        if self.online_targets is not None and self.tap is not None and self.tap.holds_layer:
+            for batch in microbatches:  # f_GF for the whole step first: decode failures change N_gva
+                batch["arra_targets"], batch["arra_valid"] = self.online_targets(batch["image_bytes"])
         norms = self.normalizers(microbatches)
         dp = parallel_state.get_data_parallel_world_size()
         # Megatron divides the returned loss by num_microbatches and DDP divides gradients by dp.
@@ -141,7 +153,7 @@ class ARRAForwardStep:
         loss_mask = batch["loss_mask"].to(device).float()
         want_logits = self.z_loss_weight > 0
         forward = partial(model, tokens, position_ids, None, labels=None if want_logits else labels)
-        if self.tap is not None:
+        if self.tap is not None and self.tap.holds_layer:
             if "arra_targets" not in batch:
                 raise KeyError("ARRA is on but the micro-batch has no 'arra_targets' (f_GF per sample); "
                                "give precomputed targets or an encoder, or turn ARRA off with --no-arra")

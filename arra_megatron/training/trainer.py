@@ -76,8 +76,17 @@ class Trainer:
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
             wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
         )
+        self.online_targets = None
+        if self.arra.enabled and args.arra_targets == "online" and self.bundle.tap.holds_layer:
+            from arra_megatron.training.targets import OnlineTargets
+
+            self.online_targets = OnlineTargets(args.arra_encoder, args.arra_aggregation, args.micro_batch_size,
+                                                bf16=True)
+            self.arra.validate_for_model(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                                         tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                         encoder_dim=self.online_targets.dim)
         self.step_fn = ARRAForwardStep(self.arra, self.data.image_token_range, self.bundle.tap,
-                                       z_loss_weight=args.z_loss_weight)
+                                       z_loss_weight=args.z_loss_weight, online_targets=self.online_targets)
         self.iteration, self.consumed_samples = 0, 0
         if args.load:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
