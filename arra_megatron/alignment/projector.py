@@ -11,6 +11,8 @@ parallel each TP rank sees only its slice of positions, and
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -24,14 +26,17 @@ class MLPProjector(MegatronModule):
         super().__init__(config=config)
         self.linear_fc1 = torch.nn.Linear(hidden_size, target_dim, dtype=config.params_dtype)
         self.linear_fc2 = torch.nn.Linear(target_dim, target_dim, dtype=config.params_dtype)
-        # Same initial weights on every TP / DP rank: draw from a generator of our own.
+        # torch's Linear initialisation (as the reference implementations' nn.Linear
+        # projector), drawn from a generator of our own so every TP / DP rank starts from
+        # the same weights. Its fan-in scaling keeps |A_phi(h)| near |h|: a projector
+        # initialised with the model's small init_method_std would give tiny outputs, and
+        # the cosine loss's gradient grows as 1 / |A_phi(h)|.
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for linear in (self.linear_fc1, self.linear_fc2):
-                weight = torch.empty(linear.weight.shape, dtype=torch.float32)
-                weight.normal_(0.0, config.init_method_std, generator=gen)
-                linear.weight.copy_(weight)
-                linear.bias.zero_()
+                bound = 1.0 / math.sqrt(linear.in_features)
+                for param in (linear.weight, linear.bias):
+                    param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=gen))
         for param in self.parameters():
             param.sequence_parallel = True
 

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--ffn-hidden-size", type=int, help="default 4 x hidden size")
     g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--group-query-attention", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--num-query-groups", type=int, default=1)
     g.add_argument("--kv-channels", type=int)
     g.add_argument("--seq-length", type=int)
@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--qk-layernorm", action="store_true")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--disable-bias-linear", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--qk-layernorm", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
 
     g = p.add_argument_group("training")
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"])
     g.add_argument("--recompute-method", choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int)
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"])
@@ -100,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="PREFIX, or weighted blend 'W1 PREFIX1 W2 PREFIX2 ...'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
-    g.add_argument("--mock-data", action="store_true", help="synthetic ARRA samples (no --data-path)")
+    g.add_argument("--mock-data", action=argparse.BooleanOptionalAction, default=False, help="synthetic ARRA samples (no --data-path)")
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--condition-dropout-prob", type=float, default=0.0,
                    help="replace the condition with the null condition with this probability (CFG training)")
-    g.add_argument("--loss-on-text", action="store_true", help="also count text targets in L_AR")
+    g.add_argument("--loss-on-text", action=argparse.BooleanOptionalAction, default=False, help="also count text targets in L_AR")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save")
@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int)
     g.add_argument("--exit-interval", type=int,
                    help="stop (after saving) when the iteration count is a multiple of this")
-    g.add_argument("--finetune", action="store_true",
+    g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=False,
                    help="load weights only: fresh optimizer, scheduler and iteration count")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-load-optim", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--no-load-rng", action=argparse.BooleanOptionalAction, default=False)
 
     g = p.add_argument_group("validation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -158,8 +158,17 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         if dest not in known or dest in ("config", "help"):
             raise ArgumentError(f"--config {path}: unknown key {key!r} (keys are this program's flags)")
         action = known[dest]
-        if action.type is not None and value is not None and not isinstance(value, list):
-            value = action.type(value)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise ArgumentError(f"--config {path}: {_flag(dest)} is a switch; give true or false, not {value!r}")
+        elif action.nargs in ("+", "*") and not isinstance(value, list):
+            value = str(value).split()  # "data-path: W1 P1 W2 P2" or a single prefix
+        if action.type is not None and value is not None:
+            try:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            except (TypeError, ValueError):
+                raise ArgumentError(f"--config {path}: {_flag(dest)} expects {action.type.__name__}, "
+                                    f"got {value!r}") from None
         if action.choices is not None and value not in action.choices:
             raise ArgumentError(f"--config {path}: {_flag(dest)} must be one of {list(action.choices)}; got {value!r}")
         defaults[dest] = value
@@ -226,6 +235,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                                 f"divisible by --pipeline-model-parallel-size {pp}; change --global-batch-size")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: meaningless without TP
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentError(f"--sequence-parallel splits --seq-length {args.seq_length} over "
+                            f"--tensor-model-parallel-size {tp}: it must divide evenly")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are exclusive; choose one")
     if args.fp8_format:
@@ -258,10 +270,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.data_path:
         _check_data_path(args.data_path)
         _check_datasets(args)
-    if args.save_interval is not None and not args.save:
-        raise ArgumentError("--save-interval needs --save DIR")
-    if args.load and not os.path.isdir(args.load):
-        raise ArgumentError(f"--load {args.load}: no such directory")
+    if args.finetune and not args.load:
+        raise ArgumentError("--finetune needs --load CHECKPOINT")
     for name in ("log_interval", "eval_interval", "micro_batch_size", "train_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"{_flag(name)} must be >= 1")

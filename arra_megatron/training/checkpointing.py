@@ -50,9 +50,11 @@ def load_model_weights(chunks: List[torch.nn.Module], checkpoint_dir: str) -> No
         _load_chunk(chunk, loaded[key], checkpoint_dir)
 
 
-def _load_chunk(chunk: torch.nn.Module, state: dict, checkpoint_dir: str) -> None:
+def _load_chunk(chunk: torch.nn.Module, state: dict, checkpoint_dir: str,
+                allow_missing_projector: bool = False) -> None:
     result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
+               and not (allow_missing_projector and k.startswith("arra_projector."))]
     if missing or result.unexpected_keys:
         raise RuntimeError(
             f"checkpoint {checkpoint_dir} does not fit the model: missing {missing}, "
@@ -197,7 +199,11 @@ def load_checkpoint(root: str, chunks, optimizer, scheduler, finetune: bool = Fa
     else:
         latest = find_latest_checkpoint(root)
         if latest is None:
-            raise FileNotFoundError(f"--load {root}: no complete checkpoint there")
+            if finetune:
+                raise FileNotFoundError(f"--load {root}: no complete checkpoint there to fine-tune from")
+            # As Megatron-LM: the first job of a resubmitted command starts from scratch.
+            logger.warning("--load %s: no complete checkpoint yet; starting from scratch", root)
+            return 0, 0
         path = latest[1]
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()
@@ -214,15 +220,24 @@ def load_checkpoint(root: str, chunks, optimizer, scheduler, finetune: bool = Fa
         state.pop(key)
     if weights_only:
         state.pop("opt_param_scheduler", None)
+    fresh_projector = False
+    if weights_only and not any(k.startswith("arra_projector.") for k in dist_checkpointing.load_tensors_metadata(path)):
+        # A plain GPT (an imported Hugging Face model, a --no-arra run): the projector starts fresh.
+        for key in model_sharded_state_dict(chunks):
+            state[key] = {k: v for k, v in state[key].items() if not k.startswith("arra_projector.")}
+        fresh_projector = True
+        logger.info("%s has no ARRA projector: it starts from its initialisation", path)
     loaded = dist_checkpointing.load(state, path)
     model_keys = [k for k in model_sharded_state_dict(chunks)]
     for key, chunk in zip(model_keys, chunks):
-        _load_chunk(chunk, loaded[key], path)
-    if "optimizer" in loaded:
+        _load_chunk(chunk, loaded[key], path, allow_missing_projector=fresh_projector)
+    # dist_checkpointing.load also returns the checkpoint's common (non-tensor) entries,
+    # asked for or not: restore only what this load asked for.
+    if "optimizer" in state:
         optimizer.load_state_dict(loaded["optimizer"])
-    if "opt_param_scheduler" in loaded and scheduler is not None:
+    if "opt_param_scheduler" in state and scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    if "rng_state" in loaded:
+    if "rng_state" in state:
         from megatron.core import tensor_parallel
 
         rng = loaded["rng_state"]

@@ -101,3 +101,16 @@ def test_kill_resume_and_incomplete_checkpoint(tmp_path):
     for it, r in resumed.items():
         for key in ("lm_loss", "gva_loss", "grad_norm", "lr"):
             assert r[key] == reference[it][key], f"iteration {it}: {key}"
+
+
+def test_finetune_from_a_plain_gpt_checkpoint(tmp_path):
+    """A checkpoint without the projector (a --no-arra run, an imported HF model) fine-tunes with
+    ARRA: weights load, the projector starts fresh, iteration and optimizer start over."""
+    ok(torchrun(1, "--no-arra", "--train-iters", "2", "--save", str(tmp_path / "plain")))
+    log = tmp_path / "ft.jsonl"
+    proc = ok(torchrun(2, "--tensor-model-parallel-size", "2", "--train-iters", "3", "--load",
+                       str(tmp_path / "plain"), "--finetune", "--log-json", str(log)))
+    assert "has no ARRA projector" in proc.stdout + proc.stderr
+    curve = records(log)
+    assert sorted(curve) == [1, 2, 3] and curve[1]["consumed_samples"] == 8
+    assert all(r["gva_loss"] > 0 for r in curve.values())
