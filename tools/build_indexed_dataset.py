@@ -14,6 +14,10 @@ Examples:
     # ImageNet class folders, class-to-image (no text tokenizer needed)
     python tools/build_indexed_dataset.py --input imagenet/train --input-kind folder ...
 
+    # ... plus precomputed ARRA targets (PREFIX.features.npy) from a local open_clip model
+    python tools/build_indexed_dataset.py ... --encoder open_clip:local-dir:/models/BiomedCLIP \
+        --encoder-aggregation cls
+
 Rerunning the same command after a crash resumes: finished parts are kept.
 Exit status: 0 built, 1 --strict and inputs were skipped, 2 bad flags or inputs.
 """
@@ -61,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(truncated captions are not skips)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished dataset at --output-prefix and discard unfinished parts")
+    p.add_argument("--encoder", help="also write precomputed ARRA targets f_GF to PREFIX.features.npy with this "
+                                     "frozen encoder: open_clip:local-dir:/path (CLIP, BiomedCLIP) or sam:/path "
+                                     "(SAM, MedSAM); the same images and preprocessing training uses online")
+    p.add_argument("--encoder-aggregation", default="cls", choices=["cls", "avgpool", "concat"],
+                   help="how f_GF is pooled from the encoder's tokens (ARRA_METHOD.md; SAM: avgpool only)")
+    p.add_argument("--encoder-batch-size", type=int, default=64, help="images per target-encoder batch")
     return p
 
 
@@ -68,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron.core.datasets.indexed_dataset").setLevel(logging.WARNING)  # a line per part
-    for flag in ("image_size", "max_seq_length", "workers", "batch_size", "num_parts"):
+    for flag in ("image_size", "max_seq_length", "workers", "batch_size", "num_parts", "encoder_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")

@@ -7,11 +7,16 @@ Output (ARCHITECTURE.md, "Datasets on disk"):
   ``source`` indexes the path list in ``PREFIX.images.sources.json``. The image
   bytes are ``open(path).seek(offset).read(length)``: a member inside a tar shard
   or a whole image file.
+- ``PREFIX.features.npy`` (with ``--encoder``): precomputed ARRA targets f_GF, a float16
+  [N, D] ``.npy`` to memory-map, row i belonging to document i. f_GF comes from the same
+  image bytes through the code training uses online (``make_image_preprocessor`` ->
+  ``TargetEncoder.encode``); a sample whose image that pipeline cannot decode keeps its
+  tokens and gets a NaN row: no alignment target (its L_GVA term is masked).
 - ``PREFIX.json``: the manifest, written last; its presence marks a finished dataset.
-  ``"features"`` is reserved for the precomputed ARRA targets written with
-  ``--encoder``: ``{"file": "NAME.features.npy", "dtype": "float16", "shape": [N, D],
-  "encoder": {kind, path, sha256}, "aggregation": "cls|avgpool|concat",
-  "preprocessing": {...}}``, row i belonging to document i; null without an encoder.
+  ``"features"``: ``{"file": "NAME.features.npy", "dtype": "float16", "shape": [N, D],
+  "dim": D, "encoder": TargetEncoder.identity, "aggregation": "cls|avgpool|concat",
+  "preprocessing": PreprocessSpec.to_dict(), "samples_without_target": K}``; null
+  without an encoder (``tools/precompute_features.py`` adds one to a finished dataset).
 
 Work is split into parts (contiguous ranges of input units: shards, rows, files)
 built independently into ``PREFIX.parts/part-NNNNN.*`` and merged in order with
@@ -42,7 +47,10 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from arra_megatron.data.dali_pipeline import make_image_preprocessor
+from arra_megatron.data.image_refs import IMAGE_REF_DTYPE, ImageRefTable, read_image_bytes
 from arra_megatron.data.readers import SKIP_REASONS, InputSource, check_sample, open_source
+from arra_megatron.encoders import TargetEncoder, load_encoder
 from arra_megatron.fileio import write_json_atomic
 from arra_megatron.tokenization.image import ImageDecodeError, ImageTokenizer, load_rgb
 from arra_megatron.tokenization.profile import TokenizerProfile
@@ -52,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
 MANIFEST_FORMAT = "arra-indexed-dataset"
-IMAGE_REF_DTYPE = np.dtype([("source", "<i4"), ("offset", "<i8"), ("length", "<i8")])
+FEATURE_DTYPE = np.dtype(np.float16)
 UNITS_PER_PART = 1000  # default part size for row / file inputs (tar inputs: one shard per part)
 
 
@@ -77,6 +85,9 @@ class BuildConfig:
     batch_size: int = 16
     strict: bool = False
     overwrite: bool = False
+    encoder: Optional[str] = None
+    encoder_aggregation: str = "cls"
+    encoder_batch_size: int = 64
 
 
 class StrictModeError(RuntimeError):
@@ -110,6 +121,7 @@ class OutputPaths:
         self.prefix = str(prefix)
         self.bin, self.idx, self.manifest = f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.json"
         self.images, self.image_sources = f"{prefix}.images.npy", f"{prefix}.images.sources.json"
+        self.features = f"{prefix}.features.npy"
         self.parts_dir = Path(f"{prefix}.parts")
         self.plan = self.parts_dir / "plan.json"
 
@@ -117,7 +129,62 @@ class OutputPaths:
         return str(self.parts_dir / f"part-{index:05d}")
 
     def outputs(self) -> List[str]:
-        return [self.bin, self.idx, self.images, self.image_sources, self.manifest]
+        return [self.bin, self.idx, self.images, self.image_sources, self.features, self.manifest]
+
+
+class TargetFeaturizer:
+    """Precomputed ARRA targets: encoded image bytes -> f_GF rows, float16, NaN where undecodable.
+
+    The path is the online one: ``make_image_preprocessor(encoder.spec)`` (DALI when
+    installed) then ``TargetEncoder.encode``, so a precomputed row and an online target
+    of the same bytes agree up to float16 rounding. ``num_missing`` counts NaN rows.
+    """
+
+    def __init__(self, encoder: TargetEncoder, batch_size: int, num_threads: int = 1) -> None:
+        self.encoder = encoder
+        self.batch_size = int(batch_size)
+        dali_device = "gpu" if encoder.device.type == "cuda" else "cpu"
+        if dali_device == "gpu" and encoder.device.index is not None:
+            torch.cuda.set_device(encoder.device)  # DALI decodes on the current device: the encoder's
+        self.preprocessor = make_image_preprocessor(encoder.spec, self.batch_size, device=dali_device,
+                                                    num_threads=max(1, num_threads))
+        self.num_missing = 0
+
+    @classmethod
+    def load(cls, spec: str, aggregation: str, batch_size: int, device: str = "cpu",
+             num_threads: int = 1) -> "TargetFeaturizer":
+        """``spec`` as ``--encoder`` takes it (``open_clip:local-dir:/path``, ``sam:/path``)."""
+        try:
+            encoder = load_encoder(spec, aggregation, device=device)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--encoder {spec} / --encoder-aggregation {aggregation}: {error}") from error
+        return cls(encoder, batch_size, num_threads)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def __call__(self, images: Sequence[bytes]) -> np.ndarray:
+        """[len(images), D] float16 rows; batches of ``batch_size`` (batch boundaries are part of the result:
+        callers that must reproduce a table byte for byte keep them the same)."""
+        out = np.empty((len(images), self.dim), dtype=FEATURE_DTYPE)
+        for start in range(0, len(images), self.batch_size):
+            batch = self.preprocessor(list(images[start:start + self.batch_size]))
+            rows = self.encoder.encode(batch.pixels).cpu().numpy()
+            valid = batch.valid.cpu().numpy()
+            rows[~valid] = np.nan
+            self.num_missing += int((~valid).sum())
+            out[start:start + len(rows)] = rows
+            overflow = int((~np.isfinite(out[start:start + len(rows)][valid])).any(axis=1).sum())
+            if overflow:
+                logger.warning("%d f_GF rows overflow float16 (|x| > 65504) and hold inf", overflow)
+        return out
+
+    def manifest_entry(self, file_name: str, num_rows: int, num_missing: int) -> Dict[str, Any]:
+        """The manifest's ``"features"`` field for a table of ``num_rows`` rows."""
+        return {"file": file_name, "dtype": FEATURE_DTYPE.name, "shape": [num_rows, self.dim], "dim": self.dim,
+                "encoder": self.encoder.identity, "aggregation": self.encoder.aggregation,
+                "preprocessing": self.encoder.spec.to_dict(), "samples_without_target": num_missing}
 
 
 @dataclass
@@ -131,6 +198,7 @@ class _Worker:
     dtype: Type[np.number]
     max_seq_length: int
     batch_size: int
+    features: Optional[TargetFeaturizer] = None
 
 
 def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable[[int], None]) -> Dict[str, Any]:
@@ -140,6 +208,9 @@ def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable
     sources: Dict[str, int] = {}
     refs: List[tuple] = []
     pending: List[tuple] = []  # (condition ids, image ref, preprocessed pixels)
+    feature_images: List[bytes] = []  # encoded bytes of kept samples awaiting f_GF
+    feature_rows: List[np.ndarray] = []
+    missing_before = worker.features.num_missing if worker.features else 0
     unreported = 0
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=worker.dtype)
 
@@ -176,11 +247,20 @@ def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable
         pending.append((condition, sample.ref, worker.image.preprocess(image)))
         if len(pending) >= worker.batch_size:
             flush()
+        if worker.features is not None:
+            feature_images.append(sample.image)
+            if len(feature_images) >= worker.features.batch_size:
+                feature_rows.append(worker.features(feature_images))
+                feature_images.clear()
     flush()
     builder.finalize(f"{prefix}.idx")
     np.save(f"{prefix}.images.npy", np.array(refs, dtype=IMAGE_REF_DTYPE))
     marker = {"part": part.index, "start": part.start, "stop": part.stop, "num_samples": len(refs),
               "skipped": dict(sorted(skipped.items())), "text_truncated": truncated, "sources": list(sources)}
+    if worker.features is not None:
+        feature_rows.append(worker.features(feature_images))
+        np.save(f"{prefix}.features.npy", np.concatenate(feature_rows))
+        marker["samples_without_target"] = worker.features.num_missing - missing_before
     write_json_atomic(f"{prefix}.json", marker)
     return marker
 
@@ -208,7 +288,16 @@ def _make_worker(config: BuildConfig, source: InputSource, profile: TokenizerPro
     text = TextTokenizer(config.text_tokenizer) if config.text_tokenizer else None
     image = ImageTokenizer(config.image_tokenizer, config.image_size, device=device)
     return _Worker(source, text, image, profile, DType.optimal_dtype(profile.vocab_size),
-                   config.max_seq_length, config.batch_size)
+                   config.max_seq_length, config.batch_size, _make_featurizer(config, device))
+
+
+def _make_featurizer(config: BuildConfig, device: str) -> Optional[TargetFeaturizer]:
+    """The --encoder featurizer for a worker on ``device`` (DALI threads: this worker's share of the cores)."""
+    if not config.encoder:
+        return None
+    threads = max(1, (os.cpu_count() or 1) // max(1, config.workers))
+    return TargetFeaturizer.load(config.encoder, config.encoder_aggregation, config.encoder_batch_size, device,
+                                 threads)
 
 
 def _devices(config: BuildConfig) -> List[str]:
@@ -277,8 +366,8 @@ def _check_plan(paths: OutputPaths, plan: Dict[str, Any]) -> None:
 
 
 def _merge(parts: Sequence[PartSpec], markers: Sequence[Dict[str, Any]], paths: OutputPaths,
-           dtype: Type[np.number]) -> None:
-    """Concatenate the parts, in order, into the final token and image-reference files."""
+           dtype: Type[np.number], feature_dim: Optional[int]) -> None:
+    """Concatenate the parts, in order, into the final token, image-reference and feature files."""
     builder = IndexedDatasetBuilder(paths.bin, dtype=dtype)
     sources: Dict[str, int] = {}
     refs = []
@@ -292,6 +381,19 @@ def _merge(parts: Sequence[PartSpec], markers: Sequence[Dict[str, Any]], paths: 
     builder.finalize(paths.idx)
     np.save(paths.images, np.concatenate(refs) if refs else np.empty(0, IMAGE_REF_DTYPE))
     write_json_atomic(paths.image_sources, list(sources))
+    if feature_dim is not None:
+        num_rows = sum(m["num_samples"] for m in markers)
+        table = np.lib.format.open_memmap(paths.features, mode="w+", dtype=FEATURE_DTYPE, shape=(num_rows, feature_dim))
+        row = 0
+        for part, marker in zip(parts, markers):
+            part_rows = np.load(f"{paths.part(part.index)}.features.npy", mmap_mode="r")
+            if part_rows.shape != (marker["num_samples"], feature_dim):
+                raise ValueError(f"{paths.part(part.index)}.features.npy has shape {part_rows.shape}, expected "
+                                 f"{(marker['num_samples'], feature_dim)}; pass --overwrite to rebuild")
+            table[row:row + len(part_rows)] = part_rows
+            row += len(part_rows)
+        table.flush()
+        del table
 
 
 def format_summary(manifest: Dict[str, Any], paths: OutputPaths, seconds: float) -> str:
@@ -299,6 +401,8 @@ def format_summary(manifest: Dict[str, Any], paths: OutputPaths, seconds: float)
     counts = manifest["counts"]
     rows = [("samples written", counts["samples"]), ("text truncated", counts["text_truncated"]),
             ("skipped (total)", counts["skipped"])]
+    if manifest.get("features"):
+        rows.append(("without ARRA target (NaN row)", manifest["features"]["samples_without_target"]))
     rows += [(f"  {reason}", count) for reason, count in manifest["skipped"].items()]
     rows += [(os.path.basename(p), f"{os.path.getsize(p) / 2**20:.2f} MiB") for p in paths.outputs()
              if os.path.exists(p)]
@@ -336,6 +440,7 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
         text_tokenizer=text.identity if text else None,
     )
     profile.condition_budget(config.max_seq_length)  # fail now, not in a worker
+    features = _make_featurizer(config, "cpu")
     dtype = DType.optimal_dtype(profile.vocab_size)
     default_parts = len(source.units) if source.kind == "tar" else math.ceil(len(source.units) / UNITS_PER_PART)
     parts = plan_parts(len(source.units), config.num_parts or max(1, default_parts))
@@ -344,12 +449,14 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     _prepare_output(paths, config.overwrite)
     _check_plan(paths, {"builder_version": BUILDER_VERSION, "input": description,
                         "tokenizer_profile": profile.to_dict(), "max_seq_length": config.max_seq_length,
-                        "num_parts": len(parts), "batch_size": config.batch_size})
+                        "num_parts": len(parts), "batch_size": config.batch_size,
+                        "features": None if features is None else {"encoder": features.encoder.identity,
+                                                                   "batch_size": features.batch_size}})
     todo = [p for p in parts if not os.path.exists(f"{paths.part(p.index)}.json")]
     logger.info("%s: %d parts (%d finished earlier), vocabulary %d (%s), %d tokens per image",
                 config.output_prefix, len(parts), len(parts) - len(todo), profile.vocab_size,
                 np.dtype(dtype).name, profile.tokens_per_image)
-    worker = _Worker(source, text, image, profile, dtype, config.max_seq_length, config.batch_size)
+    worker = _Worker(source, text, image, profile, dtype, config.max_seq_length, config.batch_size, features)
     total = None if source.kind == "tar" else sum(p.stop - p.start for p in todo)
     with tqdm(total=total, unit="sample", desc="tokenizing", dynamic_ncols=True) as bar:
         _run_parts(todo, config, paths, worker, bar)
@@ -361,7 +468,7 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     skipped = dict(sorted(skipped.items()))
     if config.strict and skipped:
         raise StrictModeError(skipped)
-    _merge(parts, markers, paths, dtype)
+    _merge(parts, markers, paths, dtype, None if features is None else features.dim)
     num_samples = sum(m["num_samples"] for m in markers)
     name = os.path.basename(paths.prefix)
     manifest = {
@@ -380,7 +487,73 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
                   "image_sources": f"{name}.images.sources.json"},
         "features": None,
     }
+    if features is not None:
+        manifest["files"]["features"] = f"{name}.features.npy"
+        manifest["features"] = features.manifest_entry(f"{name}.features.npy", num_samples,
+                                                       sum(m["samples_without_target"] for m in markers))
     write_json_atomic(paths.manifest, manifest)  # last: marks the dataset finished
     shutil.rmtree(paths.parts_dir)
     logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
+    return manifest
+
+
+def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size: int = 64, device: str = "cpu",
+                 num_threads: int = 1, overwrite: bool = False, batches_per_checkpoint: int = 16) -> Dict[str, Any]:
+    """Write (or with ``overwrite`` replace) ``PREFIX.features.npy`` of a finished dataset; returns the manifest.
+
+    Images are read through the image reference table (``read_image_bytes``) in sample
+    order and go through the same ``TargetFeaturizer`` as ``--encoder`` at build time.
+    Resumable: rows go into ``PREFIX.features.npy.partial``, and every
+    ``batches_per_checkpoint`` batches ``PREFIX.features.progress.json`` records how many
+    are done; a rerun with the same encoder and batch size continues from there (batch
+    boundaries stay multiples of ``batch_size``, so the result is the same).
+    """
+    paths = OutputPaths(prefix)
+    if not os.path.isfile(paths.manifest):
+        raise FileNotFoundError(f"{paths.manifest} not found: --data-prefix {prefix} is not a finished dataset "
+                                "(build it with tools/build_indexed_dataset.py)")
+    manifest = json.loads(Path(paths.manifest).read_text())
+    if manifest.get("features") and not overwrite:
+        old = manifest["features"]
+        raise FileExistsError(f"{paths.manifest} already has features ({old['encoder']['name']}, "
+                              f"{old['aggregation']}); pass --overwrite to replace them")
+    table = ImageRefTable.load(prefix)
+    num_rows = int(manifest["num_samples"])
+    if len(table) != num_rows:
+        raise ValueError(f"{paths.images} has {len(table)} rows but {paths.manifest} says {num_rows} samples")
+    featurizer = TargetFeaturizer.load(encoder, aggregation, batch_size, device, num_threads)
+    partial, progress_file = f"{paths.features}.partial", f"{prefix}.features.progress.json"
+    settings = {"encoder": featurizer.encoder.identity, "batch_size": featurizer.batch_size, "num_rows": num_rows}
+    settings = json.loads(json.dumps(settings))  # as read back from JSON
+    progress = json.loads(Path(progress_file).read_text()) if os.path.isfile(progress_file) else None
+    if progress is not None and progress["settings"] == settings and os.path.isfile(partial):
+        rows = np.lib.format.open_memmap(partial, mode="r+")
+        start, missing = progress["rows_done"], progress["samples_without_target"]
+        logger.info("%s: resuming at row %d of %d", partial, start, num_rows)
+    else:
+        rows = np.lib.format.open_memmap(partial, mode="w+", dtype=FEATURE_DTYPE, shape=(num_rows, featurizer.dim))
+        start, missing = 0, 0
+    step = featurizer.batch_size * batches_per_checkpoint
+    with tqdm(total=num_rows, initial=start, unit="image", desc="f_GF", dynamic_ncols=True) as bar:
+        for begin in range(start, num_rows, step):
+            end = min(begin + step, num_rows)
+            featurizer.num_missing = 0
+            rows[begin:end] = featurizer(read_image_bytes(table, range(begin, end)))
+            missing += featurizer.num_missing
+            rows.flush()
+            write_json_atomic(progress_file, {"settings": settings, "rows_done": end,
+                                              "samples_without_target": missing})
+            bar.update(end - begin)
+    del rows
+    name = os.path.basename(paths.prefix)
+    if manifest.get("features"):  # never a manifest naming a table that is being replaced
+        manifest["features"] = None
+        write_json_atomic(paths.manifest, manifest)
+    os.replace(partial, paths.features)
+    manifest["features"] = featurizer.manifest_entry(f"{name}.features.npy", num_rows, missing)
+    manifest["files"]["features"] = f"{name}.features.npy"
+    write_json_atomic(paths.manifest, manifest)
+    os.remove(progress_file)
+    logger.info("wrote %s: %d x %d float16, %d samples without an ARRA target (NaN rows)", paths.features,
+                num_rows, featurizer.dim, missing)
     return manifest
