@@ -23,9 +23,13 @@ BASE = (
 ).split()
 
 
-def torchrun(nproc: int, *flags: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *flags: str, env: dict | None = None, timeout: float = 300,
+             drop_mock: bool = False) -> subprocess.CompletedProcess:
+    """examples/pretrain_arra.py under torchrun with BASE + ``flags`` (later flags win);
+    ``drop_mock`` leaves out BASE's --mock-data for runs that read a dataset."""
+    base = [a for a in BASE if not (drop_mock and a == "--mock-data")]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", SCRIPT, *BASE, *flags]
+           f"--master-port={free_port()}", SCRIPT, *base, *flags]
     run_env = {**os.environ, "ARRA_CPU_MODE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=ROOT)
 
