@@ -35,6 +35,7 @@ class StepNormalizers:
 
     num_loss_tokens: int
     num_aligned_samples: int
+    num_dropped_samples: int = 0  # samples with an image but no usable target (undecodable image)
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,7 @@ class ARRAForwardStep:
         self.z_loss_weight = z_loss_weight
         self.online_targets = online_targets  # image bytes -> (f_GF, valid), on the stage holding layer k
         self._lm_scale: Optional[float] = None
+        self._dropped = 0
 
     # ----------------------------------------------------------------- per step
     def alignment_weights(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,18 +88,22 @@ class ARRAForwardStep:
         """Global counts: loss tokens (every stage reads the labels) summed over DP; samples
         with an image and a valid target, from the stage holding layer k (the only one that
         knows which online targets failed to decode), summed over DP and shared over PP."""
-        counts = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+        counts = torch.zeros(3, dtype=torch.float64, device=torch.cuda.current_device())
         holds_layer = self.tap is not None and self.tap.holds_layer
         for batch in microbatches:
             counts[0] += batch["loss_mask"].sum().double().to(counts.device)
             if holds_layer:
-                counts[1] += num_aligned_samples(self.alignment_weights(batch)).double().to(counts.device)
+                aligned = num_aligned_samples(self.alignment_weights(batch))
+                with_image = num_aligned_samples(alignment_mask(batch["labels"], self.image_token_range,
+                                                                self.arra.target))
+                counts[1] += aligned.double().to(counts.device)
+                counts[2] += (with_image - aligned).double().to(counts.device)
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         if self.tap is not None:
             gva = counts[1:].clone()
             torch.distributed.all_reduce(gva, group=parallel_state.get_pipeline_model_parallel_group())
             counts[1:] = gva
-        return StepNormalizers(int(counts[0]), int(counts[1]))
+        return StepNormalizers(int(counts[0]), int(counts[1]), int(counts[2]))
 
     def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]]) -> StepNormalizers:
         """Fix this step's normalisation (collective over the data-parallel group).
@@ -119,6 +125,7 @@ class ARRAForwardStep:
             if scale_func is not None:
                 loss_scale = float(scale_func(torch.ones(1, device=torch.cuda.current_device())))
             self.tap.begin_step(ARRAStep(norms.num_aligned_samples, dp, loss_scale))
+        self._dropped = norms.num_dropped_samples
         return norms
 
     def end_step(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -136,6 +143,7 @@ class ARRAForwardStep:
             total += self.z_loss_weight * metrics["z loss"]
         if self.tap is not None:
             metrics.update(self.tap.end_step())
+            metrics["gva dropped samples"] = self._dropped
             total += self.arra.weight * metrics["gva loss"]
         metrics["loss"] = total
         self._lm_scale = None

@@ -75,6 +75,8 @@ class MetricsLogger:
         ]
         if "gva_loss" in record:
             parts += [f"gva loss: {record['gva_loss']:.6E}", f"gva cos: {record['gva_cos']:.4f}"]
+            if record.get("gva_dropped_samples"):  # images that did not decode: their L_GVA term is masked
+                parts.append(f"gva dropped samples: {record['gva_dropped_samples']}")
         if "z_loss" in record:
             parts.append(f"z loss: {record['z_loss']:.6E}")
         parts += [

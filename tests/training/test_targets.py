@@ -53,3 +53,18 @@ def test_dataset_vocabulary_larger_than_the_model(dataset):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--vocab-size 40 is smaller than the vocabulary of --data-path" in proc.stderr
+
+
+def test_samples_without_a_target_are_dropped_and_counted(tmp_path):
+    """A NaN feature row (an image the encoder could not read) masks that sample's L_GVA term."""
+    from pathlib import Path
+
+    from tests.data.test_dataset import _profile, write_prefix
+
+    write_prefix(Path(tmp_path / "ds"), 8, 1, _profile(), nan_rows=[3, 5])
+    log = tmp_path / "log.jsonl"
+    ok(torchrun(1, "--data-path", str(tmp_path / "ds"), "--split", "100,0,0", "--seq-length", "24",
+                "--arra-target-dim", "6", "--train-iters", "2", "--log-json", str(log), drop_mock=True))
+    curve = records(log)
+    assert curve[1]["gva_dropped_samples"] == 2 and curve[2]["gva_dropped_samples"] == 2
+    assert curve[1]["gva_loss"] > 0
