@@ -275,6 +275,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for name in ("log_interval", "eval_interval", "micro_batch_size", "train_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"{_flag(name)} must be >= 1")
+    if args.tensorboard_dir:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ArgumentError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
     if args.arra and args.arra_targets == "online" and not args.arra_encoder:
         raise ArgumentError("--arra-targets online needs --arra-encoder")
     arra_config(args).validate_for_model(num_layers=args.num_layers, hidden_size=args.hidden_size,
