@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", help="PREFIX, or weighted blend 'W1 PREFIX1 W2 PREFIX2 ...'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     g.add_argument("--mock-data", action=argparse.BooleanOptionalAction, default=False, help="synthetic ARRA samples (no --data-path)")
-    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="data-loader processes per rank that read and assemble micro-batches ahead (0: none)")
     g.add_argument("--condition-dropout-prob", type=float, default=0.0,
                    help="replace the condition with the null condition with this probability (CFG training)")
     g.add_argument("--loss-on-text", action=argparse.BooleanOptionalAction, default=False, help="also count text targets in L_AR")

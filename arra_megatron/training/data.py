@@ -28,6 +28,41 @@ class _Offset:
         return self.source[self.offset + index]
 
 
+class RankBatchSampler:
+    """This data-parallel rank's micro-batches, in Megatron's order, from ``consumed_samples`` on.
+
+    Global batch g holds samples [g*G, (g+1)*G); its micro-batch j on DP rank r holds the
+    ``mbs`` samples starting at g*G + j*mbs*dp + r*mbs. The sequence depends only on the
+    consumed-sample count, so a resumed run reads exactly what an uninterrupted one would,
+    in any DP layout the global batch is the same set of samples.
+    """
+
+    def __init__(self, consumed_samples: int, micro_batch_size: int, data_parallel_size: int,
+                 data_parallel_rank: int, total_samples: int):
+        self.start, self.mbs = consumed_samples, micro_batch_size
+        self.dp, self.rank, self.total = data_parallel_size, data_parallel_rank, total_samples
+
+    def __iter__(self):
+        step = self.mbs * self.dp
+        for base in range(self.start, self.total, step):
+            first = base + self.rank * self.mbs
+            yield list(range(first, first + self.mbs))
+
+    def __len__(self) -> int:
+        return max(0, -(-(self.total - self.start) // (self.mbs * self.dp)))
+
+
+def micro_batch_loader(source, sampler: RankBatchSampler, num_workers: int):
+    """Micro-batches from ``source`` in ``sampler``'s order; ``num_workers`` background processes
+    read and assemble ahead of the training step (0: in the training process)."""
+    from torch.utils.data import DataLoader
+
+    from arra_megatron.data.samples import collate
+
+    return iter(DataLoader(source, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                           persistent_workers=False, prefetch_factor=4 if num_workers else None))
+
+
 def dataset_sizes(args: argparse.Namespace) -> list:
     """Samples each split must provide (Megatron-LM's rule): every training step, and
     ``--eval-iters`` global batches at every evaluation, plus a final one."""

@@ -21,12 +21,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from arra_megatron.data.samples import collate
 from arra_megatron.models.gpt import pad_vocab_size
 from arra_megatron.runtime.distributed import initialize_model_parallel
 from arra_megatron.training import checkpointing
 from arra_megatron.training.arguments import arra_config, transformer_config
-from arra_megatron.training.data import TrainingData, build_training_data
+from arra_megatron.training.data import RankBatchSampler, TrainingData, build_training_data, micro_batch_loader
 from arra_megatron.training.forward_step import ARRAForwardStep
 from arra_megatron.training.metrics import MetricsLogger, training_flops_per_token
 from arra_megatron.training.model import build_model
@@ -101,17 +100,13 @@ class Trainer:
             self.config, vocab, args.seq_length, self.arra.target_dim if self.arra.enabled else 0)
 
     # ------------------------------------------------------------------ data
-    def _microbatches(self, source, consumed: int) -> List[Dict[str, torch.Tensor]]:
-        """This DP rank's micro-batches of the global batch starting at ``consumed``
-        (Megatron's order: micro-batch j holds samples j*mbs*dp + rank*mbs ...)."""
-        a = self.args
-        mbs, dp = a.micro_batch_size, parallel_state.get_data_parallel_world_size()
-        rank = parallel_state.get_data_parallel_rank()
-        out = []
-        for j in range(a.num_microbatches):
-            start = consumed + j * mbs * dp + rank * mbs
-            out.append(collate([source[i] for i in range(start, start + mbs)]))
-        return out
+    def _loader(self, source, consumed: int, total: int):
+        return micro_batch_loader(source, RankBatchSampler(
+            consumed, self.args.micro_batch_size, parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_rank(), total), self.args.num_workers)
+
+    def _next_step(self, loader) -> List[Dict[str, torch.Tensor]]:
+        return [next(loader) for _ in range(self.args.num_microbatches)]
 
     def _run(self, microbatches, forward_only: bool) -> Dict[str, float]:
         a = self.args
@@ -130,7 +125,7 @@ class Trainer:
         for chunk in self.bundle.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = self._run(self._microbatches(self.data.train, self.consumed_samples), forward_only=False)
+        metrics = self._run(self._next_step(self._train_loader), forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=self.args.global_batch_size)
@@ -143,9 +138,10 @@ class Trainer:
         for chunk in self.bundle.chunks:
             chunk.eval()
         totals: Dict[str, float] = {}
+        loader = self._loader(self.data.valid, 0, self.args.eval_iters * self.args.global_batch_size)
         with torch.no_grad():
-            for i in range(self.args.eval_iters):
-                m = self._run(self._microbatches(self.data.valid, i * self.args.global_batch_size), forward_only=True)
+            for _ in range(self.args.eval_iters):
+                m = self._run(self._next_step(loader), forward_only=True)
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + v / self.args.eval_iters
         for chunk in self.bundle.chunks:
@@ -159,6 +155,8 @@ class Trainer:
                     "world %d (TP %d, PP %d, DP %d)", "with ARRA" if self.arra.enabled else "without ARRA",
                     a.train_iters, self.iteration, a.num_microbatches, a.micro_batch_size, self.world_size,
                     a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.data_parallel_size)
+        self._train_loader = self._loader(self.data.train, self.consumed_samples,
+                                          a.train_iters * a.global_batch_size)
         while self.iteration < a.train_iters:
             start = time.perf_counter()
             metrics = self.train_step()
