@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from arra_megatron.data.samples import collate, sample_from_document
+
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
 TEXT_RANGE = (5, 64)
 IMAGE_TOKEN_RANGE = (64, 128)
@@ -69,32 +71,26 @@ def synthetic_samples(
     Loss mask: image-token and EOI targets. Returns tensors with a leading sample dimension.
     """
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.full((num_samples, seq_length), PAD, dtype=torch.long)
     has_image = torch.ones(num_samples, dtype=torch.bool)
     lo, hi = image_token_range
     max_cond = seq_length - num_image_tokens - 4
     if max_cond < 1:
         raise ValueError("seq_length too short for the image span")
+    samples = []
     for i in range(num_samples):
         cond_len = int(torch.randint(1, max_cond + 1, (1,), generator=gen))
         cond = torch.randint(*TEXT_RANGE, (cond_len,), generator=gen)
         if text_only_every and i % text_only_every == text_only_every - 1:
             has_image[i] = False
-            seq = torch.cat([torch.tensor([BOS]), cond, torch.tensor([EOS])])
+            doc = torch.cat([torch.tensor([BOS]), cond, torch.tensor([EOS])])
         else:
             image = torch.randint(lo, hi, (num_image_tokens,), generator=gen)
-            seq = torch.cat([torch.tensor([BOS]), cond, torch.tensor([BOI]), image, torch.tensor([EOI, EOS])])
-        tokens[i, : seq.numel()] = seq
-    labels = torch.cat([tokens[:, 1:], torch.full((num_samples, 1), PAD, dtype=torch.long)], dim=1)
-    loss_mask = (((labels >= lo) & (labels < hi)) | (labels == EOI)).float()
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "position_ids": torch.arange(seq_length).expand(num_samples, seq_length).clone(),
-        "arra_targets": torch.randn(num_samples, target_dim, generator=gen),
-        "has_image": has_image,
-    }
+            doc = torch.cat([torch.tensor([BOS]), cond, torch.tensor([BOI]), image, torch.tensor([EOI, EOS])])
+        samples.append(sample_from_document(doc.numpy(), seq_length, image_token_range, EOI, PAD))
+    batch = collate(samples)
+    batch["arra_targets"] = torch.randn(num_samples, target_dim, generator=gen)
+    batch["has_image"] = has_image
+    return batch
 
 
 def microbatches(samples: Dict[str, torch.Tensor], micro_batch_size: int, data_parallel_rank: int = 0,
