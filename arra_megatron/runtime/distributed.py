@@ -26,7 +26,7 @@ def initialize_model_parallel(
     """
     on_cpu = cpu_mode.maybe_enable_cpu_mode()
     if "WORLD_SIZE" not in os.environ:  # a plain `python script.py`: a world of one
-        from arra_megatron.testing.launch import free_port
+        from arra_megatron.runtime.launch import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arra_megatron.testing.launch import run_workers
+from arra_megatron.runtime.launch import run_workers
 from tests.models import plain_worker
 
 

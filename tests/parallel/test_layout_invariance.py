@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from arra_megatron.testing.launch import run_workers
+from arra_megatron.runtime.launch import run_workers
 from tests.parallel import layout_worker
 
 RTOL = 1e-5

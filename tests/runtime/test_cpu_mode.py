@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from arra_megatron.runtime import cpu_mode
-from arra_megatron.testing.launch import run_workers
+from arra_megatron.runtime.launch import run_workers
 from tests.runtime import cpu_worker
 
 

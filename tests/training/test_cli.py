@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from arra_megatron.testing.launch import free_port
+from arra_megatron.runtime.launch import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "pretrain_arra.py")

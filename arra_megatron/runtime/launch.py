@@ -1,4 +1,5 @@
-"""Run a function on N local processes as a torchrun job would (gloo, CPU mode)."""
+"""Run a function on N local processes as a torchrun job would (gloo, CPU mode): used by the
+checkpoint converter, the tests and the benchmarks."""
 
 from __future__ import annotations
 

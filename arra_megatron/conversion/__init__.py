@@ -1,0 +1,1 @@
+"""Megatron-Core <-> Hugging Face checkpoints, one module per model family (llama.py)."""

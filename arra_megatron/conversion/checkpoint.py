@@ -1,0 +1,519 @@
+"""Import a Hugging Face directory into a trainer dist checkpoint, export one back.
+
+Import runs one CPU (gloo) process per TP x PP rank; each builds its GPTModel chunk for
+that layout, fills its shard from the Hugging Face safetensors (read lazily: a rank
+reads only the tensors of its own layers) and saves with dist checkpointing, in the
+layout ``arra_megatron.training.checkpointing`` reads: ``iter_0000000/`` with
+``arra_complete.json``, the tracker file, model state under ``model``, no optimizer.
+The trainer loads it with ``--load CKPT --finetune``.
+
+Export reads any trainer checkpoint (any TP / PP / VPP / DP, with or without optimizer
+state) in one process: dist-checkpoint keys are global, so it reads one full tensor
+(a weight of every layer, stacked) at a time, maps them to Hugging Face names, and writes sharded safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from arra_megatron.conversion import llama
+from arra_megatron.conversion.common import (
+    LAYER_PARAMS,
+    METADATA_FILE,
+    ConversionError,
+    GPTArchitecture,
+    check_new_output,
+    global_parameter_names,
+    sharded_key,
+    staged_output,
+    tp_shard,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = {"llama": llama}
+# Inside an imported checkpoint: the source model's tokenizer files and generation config,
+# which export writes back (they are not part of the dist checkpoint).
+TOKENIZER_DIR = "hf_tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ================================================================================ Hugging Face side
+class SafetensorsDir:
+    """Lazy reader of a transformers checkpoint directory's safetensors (never pickles)."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            self.files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        elif os.path.isfile(single):
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+            hint = (f" (found {', '.join(sorted(pickles))}: pickled weights are not read; re-save the model "
+                    "with save_pretrained(safe_serialization=True))") if pickles else ""
+            raise ConversionError(f"--hf {path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+    def names(self) -> List[str]:
+        return sorted(self.files)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise ConversionError(f"tensor {name} is missing from the safetensors files")
+        # Opened per tensor: a handle kept open keeps every page read so far mapped (and counted
+        # in this process's memory) until the end of the conversion.
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+def copy_tokenizer_files(source: str, target: str) -> List[str]:
+    """Copy the transformers tokenizer files found in ``source`` into ``target``; their names."""
+    import shutil
+
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+    if found:
+        os.makedirs(target, exist_ok=True)
+    for name in found:
+        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    return found
+
+
+def read_hf_config(path: str):
+    """The transformers config of ``path``, its family module, and its Megatron architecture."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConversionError(f"--hf {path}: no config.json there; give a transformers checkpoint directory")
+    with open(config_file, encoding="utf-8") as f:
+        raw = json.load(f)
+    archs = raw.get("architectures") or []
+    for name, family in FAMILIES.items():
+        if any(a in family.ARCHITECTURES for a in archs):
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+            return config, family, family.architecture_from_hf(config)
+    supported = sorted(a for f in FAMILIES.values() for a in f.ARCHITECTURES)
+    found = ", ".join(archs) if archs else f"model_type {raw.get('model_type')!r}"
+    raise ConversionError(f"--hf {path}: {found} is not a supported architecture "
+                          f"(supported: {', '.join(supported)})")
+
+
+def _expected_hf_names(arch: GPTArchitecture) -> set:
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not arch.tie_embeddings:
+        names.add("lm_head.weight")
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    names.update(f"model.layers.{i}.{p}" for i in range(arch.num_layers) for p in per_layer)
+    return names
+
+
+# ================================================================================ import
+def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 1,
+                      pipeline_model_parallel_size: int = 1, dtype: str = "float32",
+                      make_vocab_size_divisible_by: Optional[int] = None, timeout: float = 3600.0) -> dict:
+    """Convert ``hf_dir`` into a dist checkpoint at ``save`` for the given TP x PP layout.
+
+    Returns the metadata record written beside it (``arra_conversion.json``).
+    ``make_vocab_size_divisible_by`` defaults to a value that leaves the vocabulary unpadded
+    (see ``exact_vocab_multiple``), so the trainer computes the Hugging Face model's loss.
+    Nothing is left at ``save`` unless the whole conversion succeeds.
+    """
+    from arra_megatron.models.gpt import pad_vocab_size
+    from arra_megatron.runtime.launch import run_workers
+
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    check_new_output(save, "--save")
+    _config, family, arch = read_hf_config(hf_dir)
+    if dtype not in _DTYPES:
+        raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(_DTYPES)}")
+    if arch.rotary_base != int(arch.rotary_base):
+        raise ConversionError(f"rope_theta {arch.rotary_base} is not an integer; the trainer's --rotary-base is")
+    if arch.num_layers % pp:
+        raise ConversionError(f"{arch.num_layers} layers do not split over --pipeline-model-parallel-size {pp}")
+    if arch.num_query_groups % tp or arch.num_attention_heads % tp or arch.ffn_hidden_size % tp:
+        raise ConversionError(f"--tensor-model-parallel-size {tp} must divide the key/value groups "
+                              f"({arch.num_query_groups}), heads and ffn size")
+    found = set(SafetensorsDir(hf_dir).names())
+    found = {n for n in found if not n.endswith("rotary_emb.inv_freq")}
+    if arch.tie_embeddings:
+        found.discard("lm_head.weight")  # some tied checkpoints store the copy too
+    expected = _expected_hf_names(arch)
+    if found != expected:
+        raise ConversionError(f"--hf {hf_dir}: tensors do not match the config: missing "
+                              f"{sorted(expected - found)[:8]}, unexpected {sorted(found - expected)[:8]}")
+    if make_vocab_size_divisible_by is None:
+        make_vocab_size_divisible_by = exact_vocab_multiple(arch.vocab_size, tp)
+    padded = pad_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    if padded != arch.vocab_size:
+        logger.warning("vocabulary %d padded to %d for TP %d: the padded logits (zero rows) enter the softmax, so "
+                       "the loss differs slightly from the Hugging Face model's", arch.vocab_size, padded, tp)
+    record = {
+        "architecture": dataclasses.asdict(arch),
+        "hf_architecture": family.ARCHITECTURES[0],
+        "source": os.path.abspath(hf_dir),
+        "layout": {"tp": tp, "pp": pp},
+        "padded_vocab_size": padded,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "dtype": dtype,
+        "trainer_flags": arch.trainer_flags() + [
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
+        ] + (["--bf16"] if dtype == "bfloat16" else ["--fp16"] if dtype == "float16" else []),
+    }
+    with staged_output(save, "--save") as tmp:
+        run_workers(_import_worker, tp * pp, hf_dir, tmp, record, timeout=timeout)
+        record["tokenizer_files"] = copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_DIR))
+        write_json(os.path.join(tmp, METADATA_FILE), record)
+    logger.info("imported %s into %s (TP %d x PP %d); train with: %s", hf_dir, save, tp, pp,
+                " ".join(record["trainer_flags"]) + f" --load {save} --finetune")
+    return record
+
+
+def exact_vocab_multiple(vocab_size: int, tensor_model_parallel_size: int, up_to_tp: int = 8) -> int:
+    """The trainer's ``--make-vocab-size-divisible-by`` that keeps ``vocab_size`` unpadded:
+    padding adds logits the Hugging Face model does not have (they enter the softmax).
+
+    The trainer pads to a multiple of this value times TP, so the value is chosen to leave
+    the vocabulary unpadded at every TP up to ``up_to_tp`` when it can (the largest power of
+    two <= 128 that does), then at this TP, else 1 (the smallest padding).
+    """
+    for tp in (max(tensor_model_parallel_size, up_to_tp), tensor_model_parallel_size):
+        multiple = 128
+        while multiple >= 1:
+            if vocab_size % (multiple * tp) == 0:
+                return multiple
+            multiple //= 2
+    return 1
+
+
+def _import_worker(hf_dir: str, root: str, record: dict) -> None:
+    """One TP x PP rank: build this layout's chunk, fill it from Hugging Face, save. Collective."""
+    from megatron.core import parallel_state as ps
+
+    from arra_megatron.fileio import write_json_atomic
+    from arra_megatron.models.gpt import build_gpt_chunks
+    from arra_megatron.runtime.distributed import initialize_model_parallel
+    from arra_megatron.training import checkpointing
+
+    arch = GPTArchitecture.from_dict(record["architecture"])
+    family = FAMILIES[arch.model_type]
+    tp, pp = record["layout"]["tp"], record["layout"]["pp"]
+    initialize_model_parallel(tp, pp)
+    # No random initialisation: every parameter is overwritten from the Hugging Face tensors.
+    config = arch.transformer_config(tp, pp, _DTYPES[record["dtype"]], perform_initialization=False)
+    chunks = build_gpt_chunks(config, record["padded_vocab_size"], arch.max_position_embeddings,
+                              rotary_base=int(arch.rotary_base),
+                              share_embeddings_and_output_weights=arch.tie_embeddings)
+    hf = SafetensorsDir(hf_dir)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, param in global_parameter_names(chunk):
+                full = family.megatron_tensor(name, hf, arch, record["padded_vocab_size"])
+                shard = tp_shard(name, full, param, tp_rank, tp)
+                if shard.shape != param.shape:
+                    raise ConversionError(f"{name}: converted shard {tuple(shard.shape)} does not fit the "
+                                          f"parameter {tuple(param.shape)}")
+                param.copy_(shard)
+    path = checkpointing.iteration_dir(root, 0)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        os.makedirs(path)
+    torch.distributed.barrier()
+    state = checkpointing.model_sharded_state_dict(chunks)
+    state.update(iteration=0, consumed_samples=0, conversion=record)
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(state, path)
+    torch.distributed.barrier()
+    if rank == 0:
+        write_json_atomic(os.path.join(path, checkpointing.COMPLETE_FILE),
+                          {"iteration": 0, "consumed_samples": 0, "layout": {"tp": tp, "pp": pp},
+                           "imported_from": record["source"]})
+        write_json_atomic(os.path.join(root, checkpointing.TRACKER_FILE), 0)
+    torch.distributed.barrier()
+
+
+# ================================================================================ export
+def resolve_checkpoint(load: str) -> str:
+    """An iteration directory: ``load`` itself, or the newest complete one under it."""
+    from arra_megatron.training import checkpointing
+
+    if os.path.isfile(os.path.join(load, checkpointing.COMPLETE_FILE)):
+        return load
+    latest = checkpointing.find_latest_checkpoint(load)
+    if latest is None:
+        raise ConversionError(f"--load {load}: no complete checkpoint there (no iter_*/"
+                              f"{checkpointing.COMPLETE_FILE})")
+    return latest[1]
+
+
+def _architecture_from_args(args: dict, vocab_size: Optional[int]) -> GPTArchitecture:
+    """A trainer run's architecture from the flags saved in its checkpoint."""
+    needed = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"]
+    missing = [n for n in needed if args.get(n) is None]
+    if missing:
+        raise ConversionError(f"the checkpoint's saved flags lack {missing}")
+    problems = []
+    if args.get("normalization") != "RMSNorm":
+        problems.append("--normalization RMSNorm")
+    if not args.get("swiglu"):
+        problems.append("--swiglu")
+    if not args.get("disable_bias_linear"):
+        problems.append("--disable-bias-linear")
+    if args.get("position_embedding_type") != "rope":
+        problems.append("--position-embedding-type rope")
+    if args.get("qk_layernorm"):
+        problems.append("no --qk-layernorm")
+    if problems:
+        raise ConversionError("the checkpoint is not a Llama-style model; export needs " + ", ".join(problems))
+    heads = args["num_attention_heads"]
+    groups = args.get("num_query_groups") if args.get("group_query_attention") else heads
+    if vocab_size is None:
+        vocab_size = args.get("vocab_size")
+    if vocab_size is None and args.get("data_path"):
+        from arra_megatron.data.dataset import read_manifest
+        from arra_megatron.training.arguments import data_prefixes
+
+        try:
+            vocab_size = max(read_manifest(p)["tokenizer_profile"]["vocab_size"]
+                             for p in data_prefixes(args["data_path"]))
+        except (FileNotFoundError, KeyError):
+            vocab_size = None
+    if vocab_size is None:
+        raise ConversionError("the checkpoint does not record its vocabulary size (its --data-path manifests are "
+                              "not readable here); pass --vocab-size")
+    return GPTArchitecture(
+        num_layers=args["num_layers"], hidden_size=args["hidden_size"], ffn_hidden_size=args["ffn_hidden_size"],
+        num_attention_heads=heads, num_query_groups=groups,
+        kv_channels=args.get("kv_channels") or args["hidden_size"] // heads,
+        norm_epsilon=float(args.get("norm_epsilon", 1e-5)), rotary_base=float(args.get("rotary_base", 10000)),
+        vocab_size=int(vocab_size), tie_embeddings=not args.get("untie_embeddings_and_output_weights", False),
+        max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
+    )
+
+
+def checkpoint_architecture(common: dict, vocab_size: Optional[int] = None) -> GPTArchitecture:
+    if "conversion" in common:  # written by import_checkpoint
+        arch = dict(common["conversion"]["architecture"])
+        if vocab_size is not None:
+            arch["vocab_size"] = vocab_size
+        return GPTArchitecture.from_dict(arch)
+    if isinstance(common.get("args"), dict) and common["args"]:
+        return _architecture_from_args(common["args"], vocab_size)
+    raise ConversionError("the checkpoint records neither the trainer's flags nor an import record: "
+                          "its model layout is unknown")
+
+
+def _check_layout(metadata: dict, arch: GPTArchitecture) -> int:
+    """Fail on a checkpoint whose tensors contradict ``arch``; returns the padded vocabulary."""
+    def shape(key):
+        if key not in metadata:
+            raise ConversionError(f"the checkpoint has no tensor {key}: incomplete or not a GPT checkpoint")
+        return tuple(metadata[key].global_shape)
+
+    L, H = arch.num_layers, arch.hidden_size
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.kv_channels
+    expected = {
+        "decoder.layers.self_attention.linear_qkv.weight": (L, qkv_rows, H),
+        "decoder.layers.self_attention.linear_proj.weight": (L, H, arch.num_attention_heads * arch.kv_channels),
+        "decoder.layers.mlp.linear_fc1.weight": (L, 2 * arch.ffn_hidden_size, H),
+        "decoder.layers.mlp.linear_fc2.weight": (L, H, arch.ffn_hidden_size),
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (L, H),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (L, H),
+        "decoder.final_layernorm.weight": (H,),
+    }
+    for key, want in expected.items():
+        if shape(key) != want:
+            raise ConversionError(f"checkpoint tensor {key} has shape {shape(key)}, but the recorded layout "
+                                  f"(layers {L}, hidden {H}, heads {arch.num_attention_heads}, groups "
+                                  f"{arch.num_query_groups}, ffn {arch.ffn_hidden_size}) needs {want}")
+    rows, width = shape("embedding.word_embeddings.weight")
+    if width != H or rows < arch.vocab_size:
+        raise ConversionError(f"embedding shape {(rows, width)} does not hold vocabulary {arch.vocab_size} x {H}")
+    if arch.tie_embeddings == ("output_layer.weight" in metadata):
+        raise ConversionError("the checkpoint's output layer contradicts its recorded "
+                              f"{'tied' if arch.tie_embeddings else 'untied'} embeddings")
+    if not arch.tie_embeddings and shape("output_layer.weight") != (rows, H):
+        raise ConversionError(f"output_layer shape {shape('output_layer.weight')} differs from the embedding's")
+    return rows
+
+
+def _read_full(path: str, key: str, meta) -> torch.Tensor:
+    """One full tensor (all layers, all TP / PP shards) from a dist checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    request = {"t": ShardedTensor.from_rank_offsets(key, torch.empty(tuple(meta.global_shape), dtype=meta.dtype),
+                                                    replica_id=0)}
+    return dist_checkpointing.load(request, path)["t"]
+
+
+class _ShardWriter:
+    """Sharded safetensors in the transformers layout (index + ``model-0000i-of-0000n``)."""
+
+    def __init__(self, directory: str, max_shard_bytes: int):
+        self.directory, self.max_bytes = directory, max_shard_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: List[List[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        # A copy: a view would keep the whole stacked tensor it came from alive until the flush.
+        self.pending[name] = tensor.detach().clone(memory_format=torch.contiguous_format)
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.files)}.tmp"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            os.rename(os.path.join(self.directory, "shard-0.tmp"), os.path.join(self.directory, "model.safetensors"))
+            return
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(self.directory, f"shard-{i}.tmp"), os.path.join(self.directory, final))
+            weight_map.update({name: final for name in names})
+        write_json(os.path.join(self.directory, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def parse_size(text) -> int:
+    """``5GB`` / ``500MB`` / bytes, decimal units as transformers' ``max_shard_size``."""
+    if isinstance(text, int):
+        return text
+    text = str(text).strip().upper()
+    for unit, factor in (("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def export_checkpoint(load: str, hf_out: str, model_type: str = "llama", vocab_size: Optional[int] = None,
+                      max_shard_size="5GB", tokenizer: Optional[str] = None) -> dict:
+    """Write the model of trainer checkpoint ``load`` as a transformers directory ``hf_out``.
+
+    One process, one dist-checkpoint tensor in memory at a time (e.g. every layer's fc1). The
+    ARRA projector, optimizer and RNG states are left out. Tokenizer files come from
+    ``tokenizer`` (a directory) or, for an imported checkpoint, from the copy the import
+    kept. Returns a summary.
+    """
+    if model_type not in FAMILIES:
+        raise ConversionError(f"--model-type {model_type}: supported are {', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
+    check_new_output(hf_out, "--hf-out")
+    path = resolve_checkpoint(load)
+    if tokenizer is None:
+        for candidate in (os.path.join(load, TOKENIZER_DIR), os.path.join(os.path.dirname(path), TOKENIZER_DIR)):
+            if os.path.isdir(candidate):
+                tokenizer = candidate
+                break
+    elif not os.path.isdir(tokenizer):
+        raise ConversionError(f"--tokenizer {tokenizer}: no such directory")
+    with _single_process_group():
+        return _export(path, hf_out, family, model_type, vocab_size, max_shard_size, tokenizer)
+
+
+@contextlib.contextmanager
+def _single_process_group():
+    """Dist checkpointing reads through torch.distributed: a world of one (gloo, in-memory store)
+    for the duration of an export when the caller has none."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _export(path: str, hf_out: str, family, model_type: str, vocab_size: Optional[int], max_shard_size,
+            tokenizer: Optional[str]) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+        metadata = dist_checkpointing.load_tensors_metadata(path)
+    except Exception as err:  # noqa: BLE001 - name the file whatever the reader raised
+        raise ConversionError(f"--load {path}: not a readable dist checkpoint ({type(err).__name__}: {err})") from err
+    arch = checkpoint_architecture(common, vocab_size)
+    if arch.model_type != model_type:
+        raise ConversionError(f"the checkpoint holds a {arch.model_type} model, not --model-type {model_type}")
+    padded = _check_layout(metadata, arch)
+    projector = sorted(k for k in metadata if k.startswith("arra_projector."))
+    if projector:
+        logger.warning("leaving out the ARRA projector (%s): it is a training-time module, not part of the "
+                       "generative model", ", ".join(projector))
+    dtype = metadata["embedding.word_embeddings.weight"].dtype
+    from transformers import GenerationConfig
+
+    generation = None
+    if tokenizer is not None and os.path.isfile(os.path.join(tokenizer, "generation_config.json")):
+        generation = GenerationConfig.from_pretrained(tokenizer)
+    token_ids = {k: getattr(generation, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                 if generation is not None and getattr(generation, k, None) is not None}
+    config = family.hf_config(arch, dtype=str(dtype).replace("torch.", ""), **token_ids)
+    tokenizer_files: List[str] = []
+    with staged_output(hf_out, "--hf-out") as tmp:
+        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        # Tensor by tensor: memory holds one dist-checkpoint tensor (one weight of every
+        # layer, stacked) plus one safetensors shard being written.
+        names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
+        if not arch.tie_embeddings:
+            names.append("output_layer.weight")
+        for name in names:
+            for hf_name, tensor in family.hf_tensors(name, _read_full(path, name, metadata[name]), arch):
+                writer.add(hf_name, tensor)
+        for local in LAYER_PARAMS:
+            key = sharded_key(local)[0]
+            stacked = _read_full(path, key, metadata[key])
+            for index in range(arch.num_layers):
+                for hf_name, tensor in family.hf_tensors(f"decoder.layers.{index}.{local}", stacked[index], arch):
+                    writer.add(hf_name, tensor)
+            del stacked
+        writer.finish()
+        config.save_pretrained(tmp)
+        (generation or GenerationConfig.from_model_config(config)).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer_files = [n for n in copy_tokenizer_files(tokenizer, tmp) if n != "generation_config.json"]
+        else:
+            logger.warning("no tokenizer files written: pass --tokenizer DIR (e.g. the Hugging Face model imported)")
+    summary = {"checkpoint": path, "hf_out": hf_out, "left_out": projector, "padded_vocab_size": padded,
+               "tokenizer_files": tokenizer_files,
+               "architecture": dataclasses.asdict(arch)}
+    logger.info("exported %s to %s", path, hf_out)
+    return summary

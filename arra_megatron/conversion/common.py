@@ -1,0 +1,197 @@
+"""What every model family's Hugging Face mapping shares: the architecture record, TP
+slicing of full tensors, the names Megatron-Core uses on each side, and safe output dirs.
+
+Full tensors are named as a TP1/PP1 GPTModel's ``state_dict()`` names them in CPU mode
+(``decoder.layers.{i}.input_layernorm.weight``) with ``i`` the 0-based *global* layer
+index. Dist checkpoints store the same tensors under sharded keys (layers stacked along
+a leading axis, layer norms under Transformer Engine's names); ``SHARDED_KEYS`` maps one
+onto the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+METADATA_FILE = "arra_conversion.json"  # beside the imported checkpoint: the flags the trainer needs
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint or directory that cannot be converted; the message says what to fix."""
+
+
+@dataclasses.dataclass
+class GPTArchitecture:
+    """The shape of a Llama-style GPT, in Megatron's terms."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    norm_epsilon: float
+    rotary_base: float
+    vocab_size: int  # unpadded: the Hugging Face vocabulary
+    tie_embeddings: bool
+    max_position_embeddings: int
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConversionError(f"{self.num_attention_heads} attention heads are not divisible into "
+                                  f"{self.num_query_groups} key/value groups")
+
+    def trainer_flags(self) -> List[str]:
+        """The examples/pretrain_arra.py model flags that build this architecture."""
+        flags = [
+            "--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
+            "--ffn-hidden-size", str(self.ffn_hidden_size), "--num-attention-heads", str(self.num_attention_heads),
+            "--group-query-attention", "--num-query-groups", str(self.num_query_groups),
+            "--kv-channels", str(self.kv_channels), "--normalization", "RMSNorm",
+            "--norm-epsilon", repr(self.norm_epsilon), "--swiglu", "--disable-bias-linear",
+            "--position-embedding-type", "rope", "--rotary-base", str(int(self.rotary_base)),
+            "--max-position-embeddings", str(self.max_position_embeddings),
+            "--vocab-size", str(self.vocab_size),
+        ]
+        if not self.tie_embeddings:
+            flags.append("--untie-embeddings-and-output-weights")
+        return flags
+
+    def transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                           params_dtype: torch.dtype = torch.float32, **overrides):
+        import torch.nn.functional as F
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            **overrides,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTArchitecture":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(data) - {"model_type"}
+        if missing:
+            raise ConversionError(f"architecture record lacks {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Megatron local (CPU / non-TE) names -> the sharded keys dist checkpoints store them under.
+SHARDED_KEYS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+LAYER_PARAMS = (
+    "input_layernorm.weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight",
+    "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight",
+)
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def split_layer_name(name: str) -> Optional[Tuple[int, str]]:
+    """``decoder.layers.3.mlp.linear_fc1.weight`` -> (3, ``mlp.linear_fc1.weight``); None otherwise."""
+    match = _LAYER.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def sharded_key(local: str) -> Tuple[str, bool]:
+    """The dist-checkpoint key of a per-layer (without ``decoder.layers.i.``) or global name,
+    and whether it is stacked over layers."""
+    if local in LAYER_PARAMS:
+        return "decoder.layers." + SHARDED_KEYS.get(local, local), True
+    return local, False
+
+
+def global_parameter_names(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+    """A GPTModel chunk's parameters under their TP1/PP1 names (global layer index)."""
+    numbers = {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+    for name, param in chunk.named_parameters():
+        parts = split_layer_name(name)
+        if parts is not None:
+            name = f"decoder.layers.{numbers[parts[0]]}.{parts[1]}"
+        yield name, param
+
+
+def tp_shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's part of the full tensor ``name`` for ``param``.
+
+    Gated MLP fc1 is ``[gate; up]`` in full and ``[gate_r; up_r]`` on rank r; everything
+    else splits contiguously along ``partition_dim`` (QKV is laid out by group, so a
+    contiguous split gives each rank whole groups).
+    """
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim = param.partition_dim
+    if name.endswith("mlp.linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=0)
+    if full.size(dim) % tp_size:
+        raise ConversionError(f"{name}: dimension {dim} of size {full.size(dim)} does not split over TP {tp_size}")
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended up to ``rows`` (the padded vocabulary)."""
+    if tensor.size(0) > rows:
+        raise ConversionError(f"vocabulary of {tensor.size(0)} rows exceeds the padded size {rows}")
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])]) if rows > tensor.size(0) else tensor
+
+
+def check_new_output(path: str, flag: str) -> None:
+    if os.path.lexists(path):
+        raise ConversionError(f"{flag} {path} already exists; choose a new directory (nothing was written)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{flag} {path}: parent directory {parent} does not exist")
+
+
+@contextlib.contextmanager
+def staged_output(path: str, flag: str) -> Iterator[str]:
+    """A temporary directory beside ``path``, renamed to ``path`` only when the block succeeds."""
+    check_new_output(path, flag)
+    path = os.path.abspath(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    try:
+        yield tmp
+        if os.path.lexists(path):
+            raise ConversionError(f"{flag} {path} appeared while converting; nothing was written")
+        os.rename(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,131 @@
+"""Llama <-> Megatron conversion: a tiny random LlamaForCausalLM with GQA, imported at TP2 x PP2,
+gives the trainer's loss and logits transformers gives; exported back, the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
+from arra_megatron.conversion.common import METADATA_FILE  # noqa: E402
+from arra_megatron.runtime.launch import run_workers  # noqa: E402
+from tests.conversion.fixtures import IMAGE_RANGE, hf_reference, hf_weights, make_llama, samples  # noqa: E402
+from tests.conversion.llama_worker import SEQ, megatron_outputs  # noqa: E402
+
+TP, PP = 2, 2
+
+
+@pytest.fixture(scope="module", params=[("untied", 128, False), ("tied-padded", 127, True)], ids=lambda p: p[0])
+def imported(request, tmp_path_factory):
+    """A tiny Llama, imported at TP2 x PP2; the untied one fits the vocabulary exactly, the tied one
+    (vocabulary 127, odd) needs a padded row."""
+    _, vocab, tied = request.param
+    root = tmp_path_factory.mktemp(request.param[0])
+    hf_dir = make_llama(root / "hf", vocab, tied)
+    record = import_checkpoint(hf_dir, str(root / "ckpt"), TP, PP)
+    return {"hf": hf_dir, "ckpt": str(root / "ckpt"), "record": record, "root": root, "vocab": vocab}
+
+
+def test_import_matches_transformers(imported):
+    record, vocab = imported["record"], imported["vocab"]
+    ckpt = imported["ckpt"]
+    assert os.path.isfile(os.path.join(ckpt, "iter_0000000", "arra_complete.json"))
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "0"
+    with open(os.path.join(ckpt, METADATA_FILE)) as f:
+        assert json.load(f)["trainer_flags"] == record["trainer_flags"]
+    assert record["padded_vocab_size"] == 128  # 127 needs one row to split over TP 2
+    batch = samples()
+    results = run_workers(megatron_outputs, TP * PP, ckpt, record["trainer_flags"], TP, PP, batch, IMAGE_RANGE)
+    logits = [r["logits"] for r in results if "logits" in r]
+    assert len(logits) == 1
+    mega_logits = logits[0].double()
+    padded = results[0]["padded_vocab"]
+    hf_logits, hf_loss = hf_reference(imported["hf"], batch, padded)
+    assert torch.all(mega_logits[..., vocab:] == 0)  # zero embedding rows
+    diff = (mega_logits[..., :vocab] - hf_logits).abs().max().item()
+    scale = hf_logits.abs().max().item()
+    loss = results[-1]["metrics"]["lm loss"]
+    print(f"\n[{vocab=}] max |logit diff| {diff:.3e} (max |logit| {scale:.3f}); "
+          f"loss megatron {loss:.8f} transformers {hf_loss:.8f} rel {abs(loss - hf_loss) / hf_loss:.2e}")
+    assert diff <= 1e-5 * scale
+    assert all(r["metrics"]["lm loss"] == loss for r in results)
+    assert loss == pytest.approx(hf_loss, rel=1e-5)
+
+
+def test_export_round_trip(imported):
+    out = imported["root"] / "exported"
+    summary = export_checkpoint(imported["ckpt"], str(out), max_shard_size="100KB")
+    assert summary["left_out"] == []
+    with open(out / "model.safetensors.index.json") as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1  # several shards, as save_pretrained writes
+    original, exported = hf_weights(imported["hf"]), hf_weights(str(out))
+    assert sorted(original) == sorted(exported)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    a = transformers.AutoConfig.from_pretrained(imported["hf"]).to_dict()
+    b = transformers.AutoConfig.from_pretrained(str(out)).to_dict()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
+                "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings"):
+        assert a[key] == b[key], key
+    generation = transformers.GenerationConfig.from_pretrained(str(out))
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (5, 6, 0)
+    assert b["bos_token_id"] == 5 and b["eos_token_id"] == 6
+    assert transformers.AutoTokenizer.from_pretrained(str(out))("t3 t17").input_ids == [3, 17]
+    assert summary["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    tokens = samples()["tokens"]
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(imported["hf"], dtype=torch.float32)(tokens).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
+    assert torch.equal(ref, got)
+
+
+def test_trainer_checkpoint_exports(tmp_path):
+    """Import (TP1), fine-tune with ARRA at TP2 x PP2 through the real CLI, export: transformers'
+    logits equal the trained Megatron model's; the projector is left out."""
+    import subprocess
+    import sys
+
+    from arra_megatron.runtime.launch import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    hf_dir = make_llama(tmp_path / "hf", 128, tied=True, seed=1)
+    env = {**os.environ, "ARRA_CPU_MODE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), "import",
+                           "--hf", hf_dir, "--save", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with open(tmp_path / "ckpt" / METADATA_FILE) as f:
+        record = json.load(f)
+    assert "trainer flags: " + " ".join(record["trainer_flags"]) in proc.stdout
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", os.path.join(root, "examples", "pretrain_arra.py"),
+           *record["trainer_flags"], "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+           "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+           "--lr", "1e-2", "--mock-data", "--arra-target-dim", "16", "--hidden-dropout", "0",
+           "--attention-dropout", "0", "--eval-interval", "1000", "--log-interval", "1",
+           "--load", str(tmp_path / "ckpt"), "--finetune", "--save", str(tmp_path / "trained")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    summary = export_checkpoint(str(tmp_path / "trained"), str(tmp_path / "exported"), tokenizer=hf_dir)
+    assert summary["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert summary["left_out"] and all(k.startswith("arra_projector.") for k in summary["left_out"])
+    batch = samples()
+    results = run_workers(megatron_outputs, TP * PP, str(tmp_path / "trained"), record["trainer_flags"], TP, PP,
+                          batch, IMAGE_RANGE)
+    mega_logits = [r["logits"] for r in results if "logits" in r][0].double()
+    hf_logits, hf_loss = hf_reference(str(tmp_path / "exported"), batch, 128)
+    original, _ = hf_reference(hf_dir, batch, 128)
+    diff = (mega_logits - hf_logits).abs().max().item()
+    print(f"\n[trained] max |logit diff| {diff:.3e} (max |logit| {hf_logits.abs().max().item():.3f}, "
+          f"moved {(hf_logits - original).abs().max().item():.3f} from the imported model); "
+          f"loss megatron {results[-1]['metrics']['lm loss']:.8f} transformers {hf_loss:.8f}")
+    assert (hf_logits - original).abs().max() > 1e-3  # training changed the model
+    assert diff <= 1e-5 * hf_logits.abs().max().item()
+    assert results[-1]["metrics"]["lm loss"] == pytest.approx(hf_loss, rel=1e-5)

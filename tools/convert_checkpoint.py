@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Convert between Hugging Face transformers directories and the trainer's dist checkpoints.
+
+Examples:
+    # A Llama-family model from Hugging Face into a TP2 x PP2 checkpoint to fine-tune with ARRA
+    # (4 local CPU processes, one per rank); the model flags to train it with are printed and
+    # saved in CKPT/arra_conversion.json ("trainer_flags")
+    python tools/convert_checkpoint.py import --hf /models/Llama-3.2-1B --save ckpt/llama \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --dtype bfloat16
+    FLAGS=$(python -c "import json; print(' '.join(json.load(open('ckpt/llama/arra_conversion.json'))['trainer_flags']))")
+    torchrun --nproc-per-node 4 examples/pretrain_arra.py $FLAGS --load ckpt/llama --finetune ...
+
+    # Any trainer checkpoint (any TP / PP / DP) back to a transformers directory (the ARRA
+    # projector is left out; tokenizer files and generation config from --tokenizer)
+    python tools/convert_checkpoint.py export --load runs/arra/ckpt --hf-out hf/arra-llama \\
+        --tokenizer /models/Llama-3.2-1B
+
+Exit status: 0 converted, 2 bad flags or inputs (nothing is written then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+logger = logging.getLogger("convert_checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="Hugging Face directory -> dist checkpoint")
+    imp.add_argument("--hf", required=True, help="transformers checkpoint directory (config.json + safetensors)")
+    imp.add_argument("--save", required=True, help="new checkpoint directory (must not exist)")
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    imp.add_argument("--make-vocab-size-divisible-by", type=int,
+                     help="as the trainer's flag: the vocabulary is padded to a multiple of this x TP "
+                          "(default: a value that leaves the vocabulary unpadded, at TP up to 8 when possible)")
+    imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="parameter dtype of the checkpoint (match the trainer's --bf16 / --fp16)")
+    exp = sub.add_parser("export", help="dist checkpoint -> Hugging Face directory")
+    exp.add_argument("--load", required=True, help="trainer checkpoint root or iter_* directory")
+    exp.add_argument("--hf-out", required=True, help="new output directory (must not exist)")
+    exp.add_argument("--model-type", choices=["llama"], default="llama")
+    exp.add_argument("--vocab-size", type=int,
+                     help="the unpadded vocabulary (default: recorded in the checkpoint or its dataset manifest)")
+    exp.add_argument("--tokenizer", help="directory whose tokenizer files and generation_config.json go with the "
+                     "export, e.g. the Hugging Face model you imported (default: the copy an import kept in "
+                     "CKPT/hf_tokenizer, when there)")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint
+    from arra_megatron.conversion.common import ConversionError
+
+    try:
+        if args.command == "import":
+            if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
+                raise ConversionError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+            record = import_checkpoint(args.hf, args.save, args.tensor_model_parallel_size,
+                                       args.pipeline_model_parallel_size, dtype=args.dtype,
+                                       make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+            print("trainer flags: " + " ".join(record["trainer_flags"]) + f" --load {args.save} --finetune")
+        else:
+            summary = export_checkpoint(args.load, args.hf_out, args.model_type, vocab_size=args.vocab_size,
+                                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+            if summary["left_out"]:
+                print(f"left out the ARRA projector ({len(summary['left_out'])} tensors)")
+            print(json.dumps({k: summary[k] for k in ("checkpoint", "hf_out")}))
+    except ConversionError as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
