@@ -17,6 +17,10 @@ DATA = [
     "nvidia-dali-cuda130>=2.4; platform_system == 'Linux'",
 ]
 
+# Sampling and evaluation (tools/generate.py, tools/evaluate.py, tools/compare_runs.py):
+# the metric libraries' own FID / IS / CLIP-Score / MS-SSIM, and plots.
+EVAL = ["torchmetrics>=1.4", "torch-fidelity>=0.3", "scipy", "matplotlib"]
+
 setup(
     name="arra-megatron",
     version="0.1.0",
@@ -40,6 +44,7 @@ setup(
         "data": DATA,
         # `make demo`: real images that ship inside scikit-learn (its 8x8 digits).
         "demo": ["scikit-learn", *DATA],
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", *DATA],
+        "eval": [*DATA, *EVAL],
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", *DATA, *EVAL],
     },
 )
