@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-aggregation", default="cls", choices=["cls", "avgpool", "concat"],
                    help="how f_GF is pooled from the encoder's tokens (ARRA_METHOD.md; SAM: avgpool only)")
     p.add_argument("--encoder-batch-size", type=int, default=64, help="images per target-encoder batch")
+    p.add_argument("--tokenizer-profile", metavar="PROFILE.json",
+                   help="use a model's own vocabulary layout instead of appending image codes and special "
+                        "tokens after the text vocabulary, e.g. CKPT/tokenizer_profile.json of a Chameleon "
+                        "imported by tools/convert_checkpoint.py (with --image-tokenizer CKPT/vq_model)")
     return p
 
 

@@ -15,6 +15,14 @@ Examples:
     python tools/convert_checkpoint.py export --load runs/arra/ckpt --hf-out hf/arra-llama \\
         --tokenizer /models/Llama-3.2-1B
 
+    # Chameleon-7B (architecture detected): also writes CKPT/vq_model (its VQ-VAE, for
+    # build_indexed_dataset.py --image-tokenizer) and CKPT/tokenizer_profile.json (its own image-token
+    # ids, for --tokenizer-profile); export finds them again through the run's --load, or --import-dir
+    python tools/convert_checkpoint.py import --hf /models/chameleon-7b --save ckpt/chameleon-7b \
+        --tensor-model-parallel-size 4 --dtype bfloat16
+    python tools/convert_checkpoint.py export --load runs/arra-chameleon --hf-out hf/arra-chameleon \
+        --model-type chameleon --import-dir ckpt/chameleon-7b
+
 Exit status: 0 converted, 2 bad flags or inputs (nothing is written then).
 """
 
@@ -45,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="dist checkpoint -> Hugging Face directory")
     exp.add_argument("--load", required=True, help="trainer checkpoint root or iter_* directory")
     exp.add_argument("--hf-out", required=True, help="new output directory (must not exist)")
-    exp.add_argument("--model-type", choices=["llama"], default="llama")
+    exp.add_argument("--model-type", choices=["llama", "chameleon"],
+                     help="the family to write (default: the one the checkpoint records; a different one fails)")
     exp.add_argument("--vocab-size", type=int,
                      help="the unpadded vocabulary (default: recorded in the checkpoint or its dataset manifest)")
     exp.add_argument("--tokenizer", help="directory whose tokenizer files and generation_config.json go with the "
                      "export, e.g. the Hugging Face model you imported (default: the copy an import kept in "
                      "CKPT/hf_tokenizer, when there)")
+    exp.add_argument("--import-dir", help="the checkpoint directory tools/convert_checkpoint.py import wrote for "
+                     "the model this run started from: a Chameleon export takes its vocabulary map, VQ-VAE "
+                     "config and weights and tokenizer from there (default: --load itself when it is an import, "
+                     "else the --load the run was started with; give it for a resumed run)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     return p
 
@@ -69,9 +82,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        args.pipeline_model_parallel_size, dtype=args.dtype,
                                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
             print("trainer flags: " + " ".join(record["trainer_flags"]) + f" --load {args.save} --finetune")
+            if record.get("tokenizer_profile"):  # a model whose vocabulary holds its image tokens (Chameleon)
+                import os
+
+                print("build datasets with: tools/build_indexed_dataset.py --image-tokenizer "
+                      f"{os.path.join(args.save, record['vq_model'])} --tokenizer-profile "
+                      f"{os.path.join(args.save, record['tokenizer_profile'])} ...")
         else:
             summary = export_checkpoint(args.load, args.hf_out, args.model_type, vocab_size=args.vocab_size,
-                                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
+                                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                        import_dir=args.import_dir)
             if summary["left_out"]:
                 print(f"left out the ARRA projector ({len(summary['left_out'])} tensors)")
             print(json.dumps({k: summary[k] for k in ("checkpoint", "hf_out")}))

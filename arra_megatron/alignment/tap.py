@@ -146,10 +146,11 @@ class ARRATap:
         metrics = tap.end_step()   # {"gva loss", "gva cos"}, reduced over TP/PP/DP
     """
 
-    def __init__(self, arra: ARRAConfig, config, seed: int = 0):
+    def __init__(self, arra: ARRAConfig, config, seed: int = 0, te_linear: bool = False):
         self.arra = arra
         self.config = config
         self.seed = seed
+        self.te_linear = te_linear  # projector from TE linears (the model uses the TE spec)
         self.layer = None
         self.projector: Optional[MegatronModule] = None
         self._handle = None
@@ -169,7 +170,7 @@ class ARRATap:
         if found is None:
             return chunks
         index, self.layer = found
-        self.projector = build_projector(self.arra, self.config, seed=self.seed)
+        self.projector = build_projector(self.arra, self.config, seed=self.seed, te_linear=self.te_linear)
         chunks[index] = ARRAModelChunk(chunks[index], self.projector)
         self._handle = self.layer.register_forward_hook(self._hook)
         return chunks

@@ -19,18 +19,19 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from arra_megatron.conversion import llama
+from arra_megatron.conversion import chameleon, llama
 from arra_megatron.conversion.common import (
-    LAYER_PARAMS,
     METADATA_FILE,
+    QK_NORM_PARAMS,
     ConversionError,
     GPTArchitecture,
     check_new_output,
     global_parameter_names,
+    layer_params,
     sharded_key,
     staged_output,
     tp_shard,
@@ -39,7 +40,7 @@ from arra_megatron.conversion.common import (
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = {"llama": llama}
+FAMILIES = {"llama": llama, "chameleon": chameleon}
 # Inside an imported checkpoint: the source model's tokenizer files and generation config,
 # which export writes back (they are not part of the dist checkpoint).
 TOKENIZER_DIR = "hf_tokenizer"
@@ -116,17 +117,6 @@ def read_hf_config(path: str):
                           f"(supported: {', '.join(supported)})")
 
 
-def _expected_hf_names(arch: GPTArchitecture) -> set:
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not arch.tie_embeddings:
-        names.add("lm_head.weight")
-    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
-    names.update(f"model.layers.{i}.{p}" for i in range(arch.num_layers) for p in per_layer)
-    return names
-
-
 # ================================================================================ import
 def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 1,
                       pipeline_model_parallel_size: int = 1, dtype: str = "float32",
@@ -143,7 +133,7 @@ def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 
 
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     check_new_output(save, "--save")
-    _config, family, arch = read_hf_config(hf_dir)
+    hf_config, family, arch = read_hf_config(hf_dir)
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(_DTYPES)}")
     if arch.rotary_base != int(arch.rotary_base):
@@ -153,11 +143,12 @@ def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 
     if arch.num_query_groups % tp or arch.num_attention_heads % tp or arch.ffn_hidden_size % tp:
         raise ConversionError(f"--tensor-model-parallel-size {tp} must divide the key/value groups "
                               f"({arch.num_query_groups}), heads and ffn size")
-    found = set(SafetensorsDir(hf_dir).names())
-    found = {n for n in found if not n.endswith("rotary_emb.inv_freq")}
+    hf = SafetensorsDir(hf_dir)
+    auxiliary = getattr(family, "AUXILIARY_PREFIXES", ())  # not part of the GPT (Chameleon's VQ-VAE)
+    found = {n for n in hf.names() if not n.endswith("rotary_emb.inv_freq") and not n.startswith(auxiliary)}
     if arch.tie_embeddings:
         found.discard("lm_head.weight")  # some tied checkpoints store the copy too
-    expected = _expected_hf_names(arch)
+    expected = family.expected_hf_names(arch)
     if found != expected:
         raise ConversionError(f"--hf {hf_dir}: tensors do not match the config: missing "
                               f"{sorted(expected - found)[:8]}, unexpected {sorted(found - expected)[:8]}")
@@ -170,6 +161,7 @@ def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 
     record = {
         "architecture": dataclasses.asdict(arch),
         "hf_architecture": family.ARCHITECTURES[0],
+        "model_type": arch.model_type,
         "source": os.path.abspath(hf_dir),
         "layout": {"tp": tp, "pp": pp},
         "padded_vocab_size": padded,
@@ -181,8 +173,10 @@ def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 
         ] + (["--bf16"] if dtype == "bfloat16" else ["--fp16"] if dtype == "float16" else []),
     }
     with staged_output(save, "--save") as tmp:
-        run_workers(_import_worker, tp * pp, hf_dir, tmp, record, timeout=timeout)
         record["tokenizer_files"] = copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_DIR))
+        if hasattr(family, "write_import_extras"):  # e.g. Chameleon's VQ-VAE and tokenizer profile
+            family.write_import_extras(hf, hf_config, tmp, save, record)
+        run_workers(_import_worker, tp * pp, hf_dir, tmp, record, timeout=timeout)
         write_json(os.path.join(tmp, METADATA_FILE), record)
     logger.info("imported %s into %s (TP %d x PP %d); train with: %s", hf_dir, save, tp, pp,
                 " ".join(record["trainer_flags"]) + f" --load {save} --finetune")
@@ -220,7 +214,7 @@ def _import_worker(hf_dir: str, root: str, record: dict) -> None:
     tp, pp = record["layout"]["tp"], record["layout"]["pp"]
     initialize_model_parallel(tp, pp)
     # No random initialisation: every parameter is overwritten from the Hugging Face tensors.
-    config = arch.transformer_config(tp, pp, _DTYPES[record["dtype"]], perform_initialization=False)
+    config = arch.transformer_config(tp, pp, record["dtype"], perform_initialization=False)
     chunks = build_gpt_chunks(config, record["padded_vocab_size"], arch.max_position_embeddings,
                               rotary_base=int(arch.rotary_base),
                               share_embeddings_and_output_weights=arch.tie_embeddings)
@@ -283,8 +277,9 @@ def _architecture_from_args(args: dict, vocab_size: Optional[int]) -> GPTArchite
         problems.append("--disable-bias-linear")
     if args.get("position_embedding_type") != "rope":
         problems.append("--position-embedding-type rope")
-    if args.get("qk_layernorm"):
-        problems.append("no --qk-layernorm")
+    per_head = bool(args.get("qk_layernorm_per_head"))
+    if args.get("qk_layernorm") and not per_head:
+        problems.append("no --qk-layernorm (or --qk-layernorm-per-head with it: Chameleon)")
     if problems:
         raise ConversionError("the checkpoint is not a Llama-style model; export needs " + ", ".join(problems))
     heads = args["num_attention_heads"]
@@ -310,7 +305,32 @@ def _architecture_from_args(args: dict, vocab_size: Optional[int]) -> GPTArchite
         norm_epsilon=float(args.get("norm_epsilon", 1e-5)), rotary_base=float(args.get("rotary_base", 10000)),
         vocab_size=int(vocab_size), tie_embeddings=not args.get("untie_embeddings_and_output_weights", False),
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
+        model_type="chameleon" if per_head else "llama", qk_layernorm_per_head=per_head,
     )
+
+
+def source_record(common: dict, path: str, import_dir: Optional[str] = None) -> Tuple[Optional[dict], Optional[str]]:
+    """The import record behind a checkpoint and the import's directory: ``import_dir``'s when
+    given, else the checkpoint's own (an import exported as is), else that of the run's ``--load``
+    (a model trained from an import; a resumed run's ``--load`` is its own directory, so give
+    ``import_dir`` then)."""
+    if import_dir is not None:
+        file = os.path.join(import_dir, METADATA_FILE)
+        if not os.path.isfile(file):
+            raise ConversionError(f"--import-dir {import_dir}: no {METADATA_FILE} there (not an imported checkpoint)")
+        with open(file, encoding="utf-8") as f:
+            return json.load(f), import_dir
+    candidates = [os.path.dirname(os.path.abspath(path))]
+    args = common.get("args") if isinstance(common.get("args"), dict) else {}
+    if args.get("load"):
+        load = os.path.abspath(args["load"])
+        candidates += [load, os.path.dirname(load)]
+    for directory in candidates:
+        file = os.path.join(directory, METADATA_FILE)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                return json.load(f), directory
+    return common.get("conversion"), None
 
 
 def checkpoint_architecture(common: dict, vocab_size: Optional[int] = None) -> GPTArchitecture:
@@ -335,6 +355,9 @@ def _check_layout(metadata: dict, arch: GPTArchitecture) -> int:
     L, H = arch.num_layers, arch.hidden_size
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.kv_channels
     expected = {
+        **({f"decoder.layers.{name}": (L, (arch.num_attention_heads if ".q_" in name else arch.num_query_groups)
+                                        * arch.kv_channels) for name in QK_NORM_PARAMS}
+           if arch.qk_layernorm_per_head else {}),
         "decoder.layers.self_attention.linear_qkv.weight": (L, qkv_rows, H),
         "decoder.layers.self_attention.linear_proj.weight": (L, H, arch.num_attention_heads * arch.kv_channels),
         "decoder.layers.mlp.linear_fc1.weight": (L, 2 * arch.ffn_hidden_size, H),
@@ -422,8 +445,9 @@ def parse_size(text) -> int:
     return int(text)
 
 
-def export_checkpoint(load: str, hf_out: str, model_type: str = "llama", vocab_size: Optional[int] = None,
-                      max_shard_size="5GB", tokenizer: Optional[str] = None) -> dict:
+def export_checkpoint(load: str, hf_out: str, model_type: Optional[str] = None, vocab_size: Optional[int] = None,
+                      max_shard_size="5GB", tokenizer: Optional[str] = None,
+                      import_dir: Optional[str] = None) -> dict:
     """Write the model of trainer checkpoint ``load`` as a transformers directory ``hf_out``.
 
     One process, one dist-checkpoint tensor in memory at a time (e.g. every layer's fc1). The
@@ -431,9 +455,8 @@ def export_checkpoint(load: str, hf_out: str, model_type: str = "llama", vocab_s
     ``tokenizer`` (a directory) or, for an imported checkpoint, from the copy the import
     kept. Returns a summary.
     """
-    if model_type not in FAMILIES:
+    if model_type is not None and model_type not in FAMILIES:
         raise ConversionError(f"--model-type {model_type}: supported are {', '.join(FAMILIES)}")
-    family = FAMILIES[model_type]
     check_new_output(hf_out, "--hf-out")
     path = resolve_checkpoint(load)
     if tokenizer is None:
@@ -444,7 +467,7 @@ def export_checkpoint(load: str, hf_out: str, model_type: str = "llama", vocab_s
     elif not os.path.isdir(tokenizer):
         raise ConversionError(f"--tokenizer {tokenizer}: no such directory")
     with _single_process_group():
-        return _export(path, hf_out, family, model_type, vocab_size, max_shard_size, tokenizer)
+        return _export(path, hf_out, model_type, vocab_size, max_shard_size, tokenizer, import_dir)
 
 
 @contextlib.contextmanager
@@ -461,8 +484,8 @@ def _single_process_group():
         torch.distributed.destroy_process_group()
 
 
-def _export(path: str, hf_out: str, family, model_type: str, vocab_size: Optional[int], max_shard_size,
-            tokenizer: Optional[str]) -> dict:
+def _export(path: str, hf_out: str, model_type: Optional[str], vocab_size: Optional[int], max_shard_size,
+            tokenizer: Optional[str], import_dir: Optional[str] = None) -> dict:
     from megatron.core import dist_checkpointing
 
     try:
@@ -471,14 +494,18 @@ def _export(path: str, hf_out: str, family, model_type: str, vocab_size: Optiona
     except Exception as err:  # noqa: BLE001 - name the file whatever the reader raised
         raise ConversionError(f"--load {path}: not a readable dist checkpoint ({type(err).__name__}: {err})") from err
     arch = checkpoint_architecture(common, vocab_size)
-    if arch.model_type != model_type:
+    if model_type is not None and arch.model_type != model_type:
         raise ConversionError(f"the checkpoint holds a {arch.model_type} model, not --model-type {model_type}")
+    family = FAMILIES[arch.model_type]
     padded = _check_layout(metadata, arch)
     projector = sorted(k for k in metadata if k.startswith("arra_projector."))
     if projector:
         logger.warning("leaving out the ARRA projector (%s): it is a training-time module, not part of the "
                        "generative model", ", ".join(projector))
     dtype = metadata["embedding.word_embeddings.weight"].dtype
+    source, source_dir = source_record(common, path, import_dir)
+    if tokenizer is None and source_dir and os.path.isdir(os.path.join(source_dir, TOKENIZER_DIR)):
+        tokenizer = os.path.join(source_dir, TOKENIZER_DIR)  # a model trained from an import
     from transformers import GenerationConfig
 
     generation = None
@@ -486,7 +513,7 @@ def _export(path: str, hf_out: str, family, model_type: str, vocab_size: Optiona
         generation = GenerationConfig.from_pretrained(tokenizer)
     token_ids = {k: getattr(generation, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                  if generation is not None and getattr(generation, k, None) is not None}
-    config = family.hf_config(arch, dtype=str(dtype).replace("torch.", ""), **token_ids)
+    config = family.hf_config(arch, source=source, dtype=str(dtype).replace("torch.", ""), **token_ids)
     tokenizer_files: List[str] = []
     with staged_output(hf_out, "--hf-out") as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
@@ -498,13 +525,16 @@ def _export(path: str, hf_out: str, family, model_type: str, vocab_size: Optiona
         for name in names:
             for hf_name, tensor in family.hf_tensors(name, _read_full(path, name, metadata[name]), arch):
                 writer.add(hf_name, tensor)
-        for local in LAYER_PARAMS:
+        for local in layer_params(arch):
             key = sharded_key(local)[0]
             stacked = _read_full(path, key, metadata[key])
             for index in range(arch.num_layers):
                 for hf_name, tensor in family.hf_tensors(f"decoder.layers.{index}.{local}", stacked[index], arch):
                     writer.add(hf_name, tensor)
             del stacked
+        if hasattr(family, "auxiliary_tensors"):  # not part of the GPT, kept beside the import (a VQ-VAE)
+            for hf_name, tensor in family.auxiliary_tensors(source_dir):
+                writer.add(hf_name, tensor)
         writer.finish()
         config.save_pretrained(tmp)
         (generation or GenerationConfig.from_model_config(config)).save_pretrained(tmp)
@@ -512,7 +542,8 @@ def _export(path: str, hf_out: str, family, model_type: str, vocab_size: Optiona
             tokenizer_files = [n for n in copy_tokenizer_files(tokenizer, tmp) if n != "generation_config.json"]
         else:
             logger.warning("no tokenizer files written: pass --tokenizer DIR (e.g. the Hugging Face model imported)")
-    summary = {"checkpoint": path, "hf_out": hf_out, "left_out": projector, "padded_vocab_size": padded,
+    summary = {"checkpoint": path, "hf_out": hf_out, "model_type": arch.model_type, "import_dir": source_dir,
+               "left_out": projector, "padded_vocab_size": padded,
                "tokenizer_files": tokenizer_files,
                "architecture": dataclasses.asdict(arch)}
     logger.info("exported %s to %s", path, hf_out)

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,6 +44,7 @@ class GPTArchitecture:
     tie_embeddings: bool
     max_position_embeddings: int
     model_type: str = "llama"
+    qk_layernorm_per_head: bool = False  # Chameleon's q/k LayerNorm, a weight and bias per head
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -64,38 +65,44 @@ class GPTArchitecture:
         ]
         if not self.tie_embeddings:
             flags.append("--untie-embeddings-and-output-weights")
+        if self.qk_layernorm_per_head:
+            flags += ["--qk-layernorm", "--qk-layernorm-per-head"]
         return flags
 
-    def transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                           params_dtype: torch.dtype = torch.float32, **overrides):
-        import torch.nn.functional as F
-        from megatron.core.transformer.transformer_config import TransformerConfig
+    def trainer_args(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                     dtype: str = "float32", extra: Sequence[str] = ()):
+        """The trainer's parsed and validated flags for this architecture at TP x PP (one data-parallel
+        rank, mock data, no ARRA, dropout off) plus ``extra`` flags."""
+        from arra_megatron.training.arguments import ArgumentError, build_parser, validate_args
 
-        return TransformerConfig(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            kv_channels=self.kv_channels,
-            normalization="RMSNorm",
-            layernorm_epsilon=self.norm_epsilon,
-            gated_linear_unit=True,
-            activation_func=F.silu,
-            add_bias_linear=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            **overrides,
-        )
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        argv = self.trainer_flags() + [
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--seq-length", str(self.max_position_embeddings), "--micro-batch-size", "1",
+            "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-4", "--mock-data", "--no-arra",
+            "--hidden-dropout", "0", "--attention-dropout", "0",
+        ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, []) + list(extra)
+        args = build_parser().parse_args(argv)
+        try:
+            validate_args(args, world_size=tp * pp)
+        except ArgumentError as err:
+            raise ConversionError(f"the trainer refuses this architecture: {err}") from None
+        return args
+
+    def transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                           dtype: str = "float32", **overrides):
+        """The TransformerConfig the trainer builds for this architecture: the trainer's own flag
+        mapping (training/arguments.py ``transformer_config``), so both sides build the same model."""
+        from arra_megatron.training.arguments import transformer_config
+
+        config = transformer_config(self.trainer_args(tensor_model_parallel_size, pipeline_model_parallel_size,
+                                                      dtype))
+        return dataclasses.replace(config, **overrides) if overrides else config
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTArchitecture":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"model_type"}
+        missing = names - set(data) - {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         if missing:
             raise ConversionError(f"architecture record lacks {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -114,6 +121,18 @@ LAYER_PARAMS = (
     "mlp.linear_fc1.weight",
     "mlp.linear_fc2.weight",
 )
+# Per-head q/k LayerNorm (models/norms.py), flat [heads * head_dim] per layer.
+QK_NORM_PARAMS = (
+    "self_attention.q_layernorm.weight",
+    "self_attention.q_layernorm.bias",
+    "self_attention.k_layernorm.weight",
+    "self_attention.k_layernorm.bias",
+)
+
+
+def layer_params(arch: "GPTArchitecture") -> Tuple[str, ...]:
+    """The per-layer Megatron parameter names of ``arch``."""
+    return LAYER_PARAMS + (QK_NORM_PARAMS if arch.qk_layernorm_per_head else ())
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -127,7 +146,7 @@ def split_layer_name(name: str) -> Optional[Tuple[int, str]]:
 def sharded_key(local: str) -> Tuple[str, bool]:
     """The dist-checkpoint key of a per-layer (without ``decoder.layers.i.``) or global name,
     and whether it is stacked over layers."""
-    if local in LAYER_PARAMS:
+    if local in LAYER_PARAMS or local in QK_NORM_PARAMS:
         return "decoder.layers." + SHARDED_KEYS.get(local, local), True
     return local, False
 

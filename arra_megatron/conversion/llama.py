@@ -11,7 +11,7 @@ The vocabulary is padded to the trainer's size on import (zero rows) and cut bac
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -40,11 +40,12 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
-def architecture_from_hf(config) -> GPTArchitecture:
-    """The Megatron architecture of a transformers ``LlamaConfig``; fails on what the mapping
-    would not reproduce exactly (biases, another activation, rope scaling, tensor-parallel split)."""
-    if getattr(config, "model_type", None) != "llama":
-        raise ConversionError(f"model_type {config.model_type!r} is not a Llama model")
+def architecture_from_hf(config, model_type: str = "llama") -> GPTArchitecture:
+    """The Megatron architecture of a transformers ``LlamaConfig`` (or of a config of the same
+    shape, e.g. Chameleon's, with its ``model_type``); fails on what the mapping would not
+    reproduce exactly (biases, another activation, rope scaling, tensor-parallel split)."""
+    if getattr(config, "model_type", None) != model_type:
+        raise ConversionError(f"model_type {config.model_type!r} is not a {model_type} model")
     problems = []
     if config.hidden_act != "silu":
         problems.append(f"hidden_act {config.hidden_act!r} (needs silu)")
@@ -53,7 +54,7 @@ def architecture_from_hf(config) -> GPTArchitecture:
     if getattr(config, "pretraining_tp", 1) != 1:
         problems.append(f"pretraining_tp {config.pretraining_tp}")
     if problems:
-        raise ConversionError("unsupported Llama configuration: " + "; ".join(problems))
+        raise ConversionError(f"unsupported {model_type} configuration: " + "; ".join(problems))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return GPTArchitecture(
         num_layers=config.num_hidden_layers,
@@ -67,24 +68,22 @@ def architecture_from_hf(config) -> GPTArchitecture:
         vocab_size=config.vocab_size,
         tie_embeddings=bool(config.tie_word_embeddings),
         max_position_embeddings=config.max_position_embeddings,
-        model_type="llama",
+        model_type=model_type,
     )
 
 
-def hf_config(arch: GPTArchitecture, **extra):
-    """The transformers ``LlamaConfig`` reproducing ``arch`` exactly."""
-    from transformers import LlamaConfig
-
+def hf_config_kwargs(arch: GPTArchitecture) -> dict:
+    """The Llama-shaped transformers config fields reproducing ``arch`` exactly (no head_dim:
+    not every family's config takes one)."""
     if arch.rotary_base != int(arch.rotary_base):
         raise ConversionError(f"rotary base {arch.rotary_base} is not an integer (the trainer's --rotary-base is)")
-    return LlamaConfig(
+    return dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.ffn_hidden_size,
         num_hidden_layers=arch.num_layers,
         num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_query_groups,
-        head_dim=arch.kv_channels,
         hidden_act="silu",
         max_position_embeddings=arch.max_position_embeddings,
         rms_norm_eps=arch.norm_epsilon,
@@ -92,9 +91,28 @@ def hf_config(arch: GPTArchitecture, **extra):
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=arch.tie_embeddings,
-        architectures=list(ARCHITECTURES),
-        **extra,
     )
+
+
+def hf_config(arch: GPTArchitecture, source: Optional[dict] = None, **extra):
+    """The transformers ``LlamaConfig`` reproducing ``arch`` exactly (``source``, the import
+    record, adds nothing for Llama)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**hf_config_kwargs(arch), head_dim=arch.kv_channels, architectures=list(ARCHITECTURES),
+                       **extra)
+
+
+def expected_hf_names(arch: GPTArchitecture) -> set:
+    """The Hugging Face tensor names of ``arch`` (what import requires, export writes)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not arch.tie_embeddings:
+        names.add("lm_head.weight")
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    names.update(f"model.layers.{i}.{p}" for i in range(arch.num_layers) for p in per_layer)
+    return names
 
 
 # ---------------------------------------------------------------------------------- QKV layout

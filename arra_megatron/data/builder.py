@@ -88,6 +88,7 @@ class BuildConfig:
     encoder: Optional[str] = None
     encoder_aggregation: str = "cls"
     encoder_batch_size: int = 64
+    tokenizer_profile: Optional[str] = None
 
 
 class StrictModeError(RuntimeError):
@@ -411,6 +412,43 @@ def format_summary(manifest: Dict[str, Any], paths: OutputPaths, seconds: float)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _new_profile(image, text, source, config: BuildConfig) -> TokenizerProfile:
+    """The default vocabulary layout: image codes and new special tokens after the text vocabulary."""
+    return TokenizerProfile.create(
+        text_vocab_size=text.vocab_size if text else 0,
+        text_special_ids=text.special_ids if text else {},
+        num_classes=len(source.class_names),
+        image_codebook_size=image.codebook_size,
+        image_size=config.image_size,
+        tokens_per_image=image.tokens_per_image,
+        image_preprocessing=image.preprocessing,
+        vq_model=image.identity,
+        text_tokenizer=text.identity if text else None,
+    )
+
+
+def _given_profile(path: str, image, text, source) -> TokenizerProfile:
+    """``--tokenizer-profile``: a model's own vocabulary layout (e.g. the ``tokenizer_profile.json`` that
+    tools/convert_checkpoint.py writes beside an imported Chameleon), checked against the tokenizers."""
+    flag = f"--tokenizer-profile {path}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: no such file")
+    with open(path, encoding="utf-8") as f:
+        profile = TokenizerProfile.from_dict(json.load(f))
+    if profile.vq_model.sha256 != image.identity.sha256:
+        raise ValueError(f"{flag} was made for the VQ model at {profile.vq_model.path}; --image-tokenizer is a "
+                         "different model (content hash differs)")
+    if (profile.image_size, profile.tokens_per_image) != (image.image_size, image.tokens_per_image):
+        raise ValueError(f"{flag} expects --image-size {profile.image_size} ({profile.tokens_per_image} codes per "
+                         f"image), not {image.image_size}")
+    if source.class_names:
+        raise ValueError(f"{flag}: class-folder input needs class tokens, which a model's own profile has none of")
+    if text is not None and text.vocab_size > profile.vocab_size:
+        raise ValueError(f"{flag}: --text-tokenizer has {text.vocab_size} ids, the profile's vocabulary only "
+                         f"{profile.vocab_size}")
+    return profile
+
+
 def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     """Build (or resume) the dataset at ``config.output_prefix``; returns the manifest.
 
@@ -428,17 +466,10 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
         raise ValueError(f"--text-tokenizer is required for {source.kind} input (its condition is a caption)")
     text = TextTokenizer(config.text_tokenizer) if config.text_tokenizer else None
     image = ImageTokenizer(config.image_tokenizer, config.image_size)
-    profile = TokenizerProfile.create(
-        text_vocab_size=text.vocab_size if text else 0,
-        text_special_ids=text.special_ids if text else {},
-        num_classes=len(source.class_names),
-        image_codebook_size=image.codebook_size,
-        image_size=config.image_size,
-        tokens_per_image=image.tokens_per_image,
-        image_preprocessing=image.preprocessing,
-        vq_model=image.identity,
-        text_tokenizer=text.identity if text else None,
-    )
+    if config.tokenizer_profile:
+        profile = _given_profile(config.tokenizer_profile, image, text, source)
+    else:
+        profile = _new_profile(image, text, source, config)
     profile.condition_budget(config.max_seq_length)  # fail now, not in a worker
     features = _make_featurizer(config, "cpu")
     dtype = DType.optimal_dtype(profile.vocab_size)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -70,14 +71,21 @@ class SDPADotProductAttention(DotProductAttention):
             value = value.repeat_interleave(groups, dim=2)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        causal = attention_mask is None
+        # Megatron passes attn_mask_type=no_mask when decoding over a KV cache (static inference).
+        causal = attention_mask is None and attn_mask_type != AttnMaskType.no_mask
+        mask = None if attention_mask is None else ~attention_mask
+        if causal and q.size(2) != k.size(2):
+            # Queries are the last positions of the keys (a chunk over a KV cache); SDPA's
+            # is_causal aligns them top-left, so give the bottom-right causal mask explicitly.
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+            causal = False
         dropout = self.attention_dropout.p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
                else contextlib.nullcontext())
         with rng:
             context = F.scaled_dot_product_attention(
                 q, k, v,
-                attn_mask=None if causal else ~attention_mask,
+                attn_mask=mask,
                 dropout_p=dropout,
                 is_causal=causal,
                 scale=self.softmax_scale,
@@ -113,6 +121,17 @@ def _cpu_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=sub)
 
 
+def _per_head_qk_norm_spec(spec: ModuleSpec) -> ModuleSpec:
+    """``spec`` with Chameleon's per-head q/k LayerNorm (models/norms.py), whatever the backend."""
+    from arra_megatron.models.norms import PerHeadKeyLayerNorm, PerHeadQueryLayerNorm
+
+    attention = spec.submodules.self_attention
+    attn_sub = dataclasses.replace(attention.submodules, q_layernorm=PerHeadQueryLayerNorm,
+                                   k_layernorm=PerHeadKeyLayerNorm)
+    sub = dataclasses.replace(spec.submodules, self_attention=dataclasses.replace(attention, submodules=attn_sub))
+    return dataclasses.replace(spec, submodules=sub)
+
+
 def get_decoder_block_spec(
     config: TransformerConfig, backend: Optional[Backend] = None, vp_stage: Optional[int] = None
 ) -> TransformerBlockSubmodules:
@@ -127,8 +146,10 @@ def get_decoder_block_spec(
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=backend == "te", normalization=config.normalization, vp_stage=vp_stage
     )
-    if backend != "cpu":
-        return block
-    return TransformerBlockSubmodules(
-        layer_specs=[_cpu_layer_spec(s) for s in block.layer_specs], layer_norm=TorchNorm
-    )
+    if backend == "cpu":
+        block = TransformerBlockSubmodules(
+            layer_specs=[_cpu_layer_spec(s) for s in block.layer_specs], layer_norm=TorchNorm
+        )
+    if getattr(config, "qk_layernorm_per_head", False):
+        block = dataclasses.replace(block, layer_specs=[_per_head_qk_norm_spec(s) for s in block.layer_specs])
+    return block

@@ -69,8 +69,12 @@ def megatron_minor(version: str | None = None) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def require_fp8_support(flag: str = "--fp8-format") -> None:
-    """Fail before any work when FP8 is asked for but cannot run."""
+def require_fp8_support(flag: str = "--fp8-format", recipe: str = "delayed") -> None:
+    """Fail before any work when FP8 is asked for but cannot run on this GPU.
+
+    Transformer Engine's own check decides (FP8 needs compute capability 8.9+, i.e.
+    Ada/Hopper; MXFP8 needs Blackwell).
+    """
     if not has_gpu():
         raise RuntimeError(f"{flag} needs a CUDA GPU; none is available. Drop {flag} to train in bf16/fp32.")
     if not has_transformer_engine():
@@ -78,6 +82,15 @@ def require_fp8_support(flag: str = "--fp8-format") -> None:
             f"{flag} needs Transformer Engine (pip install 'arra-megatron[gpu]' or an NGC PyTorch "
             f"container); it is not importable. Drop {flag} to train in bf16/fp32."
         )
+    import transformer_engine.pytorch as te
+
+    checks = {"mxfp8": "is_mxfp8_available"}
+    available = getattr(te, checks.get(recipe, "is_fp8_available"))
+    ok, reason = available(return_reason=True)
+    if not ok:
+        name = torch.cuda.get_device_name()
+        raise RuntimeError(f"{flag} with --fp8-recipe {recipe} cannot run on this {name}: {reason}. "
+                           f"Use another --fp8-recipe or drop {flag}.")
 
 
 @functools.cache

@@ -11,6 +11,12 @@ Text ids are the text tokenizer's own ids (so a pretrained LLM's embeddings stay
 valid); BOS, EOS and PAD reuse the text tokenizer's ids when it has them. BOI,
 EOI and the null condition are always new ids after the image codes.
 
+A model whose vocabulary already holds its image tokens (Chameleon: 8192 image ids inside
+its 65,536, with its own BOI/EOI) keeps them: the profile carries an explicit table,
+``image_token_ids[c]`` = the token id of VQ code c (written by the checkpoint importer,
+conversion/chameleon.py). ``image_token_range`` stays valid as long as those ids form one
+contiguous block (in any order), which every range-based mask relies on.
+
 One sample (ARRA_METHOD.md, "Sequence layout"):
 
     [BOS] condition [BOI] x_1 .. x_n [EOI] [EOS]
@@ -87,6 +93,8 @@ class TokenizerProfile:
         image_preprocessing: resize/crop/normalisation applied before the VQ encoder.
         vq_model: identity of the image tokenizer.
         text_tokenizer: identity of the text tokenizer (None for class-only inputs).
+        image_token_ids: optional explicit table, VQ code c -> token id ``image_token_ids[c]``
+            (then ``image_token_offset`` is the smallest of them); None: code c is offset + c.
     """
 
     vocab_size: int
@@ -101,6 +109,17 @@ class TokenizerProfile:
     image_preprocessing: Mapping[str, Any]
     vq_model: ModelIdentity
     text_tokenizer: Optional[ModelIdentity] = None
+    image_token_ids: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.image_token_ids is not None:
+            ids = tuple(int(i) for i in self.image_token_ids)
+            object.__setattr__(self, "image_token_ids", ids)
+            if len(ids) != self.image_codebook_size or len(set(ids)) != len(ids):
+                raise ValueError(f"image_token_ids must hold {self.image_codebook_size} distinct ids, one per code")
+            if ids and (min(ids) != self.image_token_offset or max(ids) >= self.vocab_size):
+                raise ValueError("image_token_ids: image_token_offset must be the smallest id, all ids below "
+                                 "vocab_size")
 
     @classmethod
     def create(
@@ -143,8 +162,37 @@ class TokenizerProfile:
 
     @property
     def image_token_range(self) -> Tuple[int, int]:
-        """(lo, hi): a token t is an image token iff lo <= t < hi (labels in this range are image targets)."""
+        """(lo, hi): a token t is an image token iff lo <= t < hi (labels in this range are image targets).
+
+        With ``image_token_ids`` the ids must form one contiguous block (any order inside it)."""
+        ids = self.image_token_ids
+        if ids is not None and ids and max(ids) - min(ids) + 1 != len(ids):
+            raise ValueError(f"the {len(ids)} image token ids span [{min(ids)}, {max(ids)}]: not a contiguous "
+                             "block, so no (lo, hi) range describes them")
         return self.image_token_offset, self.image_token_offset + self.image_codebook_size
+
+    def codes_to_tokens(self, codes) -> np.ndarray:
+        """VQ codes -> token ids (int64, same shape)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if self.image_token_ids is None:
+            return codes + self.image_token_offset
+        return np.asarray(self.image_token_ids, dtype=np.int64)[codes]
+
+    def tokens_to_codes(self, tokens) -> np.ndarray:
+        """Image token ids -> VQ codes (int64, same shape); raises on a token that is not an image token."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self.image_token_ids is None:
+            codes = tokens - self.image_token_offset
+            bad = (codes < 0) | (codes >= self.image_codebook_size)
+        else:
+            table = np.full(self.vocab_size, -1, dtype=np.int64)
+            table[np.asarray(self.image_token_ids, dtype=np.int64)] = np.arange(self.image_codebook_size)
+            inside = (tokens >= 0) & (tokens < self.vocab_size)
+            codes = np.where(inside, table[np.clip(tokens, 0, self.vocab_size - 1)], -1)
+            bad = codes < 0
+        if bad.any():
+            raise ValueError(f"token ids {np.unique(tokens[bad])[:8].tolist()} are not image tokens")
+        return codes
 
     def class_token(self, class_id: int) -> int:
         if not 0 <= class_id < self.num_classes:
@@ -178,12 +226,17 @@ class TokenizerProfile:
         s = self.special
         tokens = np.concatenate([
             [s.bos], np.asarray(condition[:keep], dtype=np.int64), [s.boi],
-            codes + self.image_token_offset, [s.eoi, s.eos],
+            self.codes_to_tokens(codes), [s.eoi, s.eos],
         ]).astype(np.int64)
         return tokens, len(condition) - keep
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["image_token_ids"] is None:  # profiles without a table read and write as before
+            del data["image_token_ids"]
+        else:
+            data["image_token_ids"] = list(data["image_token_ids"])
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TokenizerProfile":
@@ -192,4 +245,6 @@ class TokenizerProfile:
         data["vq_model"] = ModelIdentity(**data["vq_model"])
         if data.get("text_tokenizer") is not None:
             data["text_tokenizer"] = ModelIdentity(**data["text_tokenizer"])
+        if data.get("image_token_ids") is not None:
+            data["image_token_ids"] = tuple(data["image_token_ids"])
         return cls(**data)

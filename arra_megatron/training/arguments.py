@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--disable-bias-linear", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--qk-layernorm", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--qk-layernorm-per-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --qk-layernorm: a LayerNorm (weight and bias) per query/key head, split over TP "
+                        "by heads, as Chameleon's q/k norms (instead of one weight shared by all heads in the "
+                        "model's --normalization)")
     g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.1)
@@ -81,8 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
-    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"])
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
+                   help="train the GPT layers and the ARRA projector in FP8 (Transformer Engine, GPU)")
     g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8"], default="delayed")
+    g.add_argument("--fp8-margin", type=int, default=0, help="delayed scaling: scaling-factor margin")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1, help="delayed scaling: amax history length")
+    g.add_argument("--fp8-amax-compute-algo", choices=["most_recent", "max"], default="most_recent",
+                   help="delayed scaling: amax from the most recent step or the history's max")
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"],
+                   help="GPT layer implementation on GPU (default: transformer_engine when it is installed; "
+                        "CPU mode always uses its own spec)")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam is AdamW (decoupled decay)")
@@ -241,13 +253,23 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                             f"--tensor-model-parallel-size {tp}: it must divide evenly")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are exclusive; choose one")
+    if args.transformer_impl == "transformer_engine":
+        from arra_megatron.runtime.capabilities import has_transformer_engine
+
+        if not has_transformer_engine():
+            raise ArgumentError("--transformer-impl transformer_engine needs Transformer Engine and a GPU; "
+                                "use --transformer-impl local or install TE (pip install 'arra-megatron[gpu]')")
     if args.fp8_format:
         from arra_megatron.runtime.capabilities import require_fp8_support
 
+        if args.transformer_impl == "local":
+            raise ArgumentError("--fp8-format runs through Transformer Engine layers; drop --transformer-impl local")
         try:
-            require_fp8_support("--fp8-format")
+            require_fp8_support("--fp8-format", args.fp8_recipe)
         except RuntimeError as err:
             raise ArgumentError(str(err)) from None
+    if args.qk_layernorm_per_head and not args.qk_layernorm:
+        raise ArgumentError("--qk-layernorm-per-head needs --qk-layernorm")
     if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
         raise ArgumentError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
     if args.ffn_hidden_size is None:
@@ -349,9 +371,19 @@ def arra_config(args: argparse.Namespace) -> ARRAConfig:
     )
 
 
+def layer_backend(args: argparse.Namespace):
+    """The layer spec ``--transformer-impl`` asks for (None: the default for this machine)."""
+    from arra_megatron.runtime import cpu_mode
+
+    if cpu_mode.is_enabled() or args.transformer_impl is None:
+        return None
+    return "te" if args.transformer_impl == "transformer_engine" else "local"
+
+
 def transformer_config(args: argparse.Namespace):
-    """Megatron-Core TransformerConfig from the parsed flags."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """Megatron-Core TransformerConfig (with this project's switches, ``ARRATransformerConfig``) from the
+    parsed flags: the one place that maps model flags to the config (conversion builds through it too)."""
+    from arra_megatron.models.norms import ARRATransformerConfig
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     kwargs = dict(
@@ -367,6 +399,7 @@ def transformer_config(args: argparse.Namespace):
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=not args.disable_bias_linear,
         qk_layernorm=args.qk_layernorm,
+        qk_layernorm_per_head=args.qk_layernorm_per_head,
         init_method_std=args.init_method_std,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
@@ -383,5 +416,8 @@ def transformer_config(args: argparse.Namespace):
         recompute_num_layers=args.recompute_num_layers,
         fp8=args.fp8_format,
         fp8_recipe=args.fp8_recipe,
+        fp8_margin=args.fp8_margin,
+        fp8_amax_history_len=args.fp8_amax_history_len,
+        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
     )
-    return TransformerConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "kv_channels"})
+    return ARRATransformerConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "kv_channels"})

@@ -45,14 +45,34 @@ def load_model_weights(chunks: List[torch.nn.Module], checkpoint_dir: str) -> No
     layers) may be missing; any other missing or unexpected key is an error.
     """
     sharded = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, checkpoint_dir)
+    loaded = _load_without_te_extra_state(sharded, checkpoint_dir, list(sharded))
     for key, chunk in zip(sharded, chunks):
         _load_chunk(chunk, loaded[key], checkpoint_dir)
 
 
+def _load_without_te_extra_state(sharded: dict, checkpoint_dir: str, model_keys) -> dict:
+    """``dist_checkpointing.load`` of everything but the model's ``_extra_state`` entries.
+
+    Transformer Engine keeps FP8 delayed-scaling state (scales, amax history) there as
+    a Python pickle, and loading a pickle can execute code from the checkpoint; TE
+    itself refuses unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1. The other recipes
+    (tensorwise, mxfp8) keep no state, and non-TE modules have none. So it is never
+    read: after a resume, delayed scaling rebuilds its amax history within
+    ``--fp8-amax-history-len`` steps.
+    """
+    for key in model_keys:
+        sharded[key] = {k: v for k, v in sharded[key].items() if not k.endswith("_extra_state")}
+    return dist_checkpointing.load(sharded, checkpoint_dir)
+
+
 def _load_chunk(chunk: torch.nn.Module, state: dict, checkpoint_dir: str,
                 allow_missing_projector: bool = False) -> None:
-    result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
+    from megatron.core.transformer.module import Float16Module
+
+    module = _unwrap_ddp(chunk)
+    if isinstance(module, Float16Module):  # its load_state_dict returns nothing: load into the inner module
+        module = module.module
+    result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
                and not (allow_missing_projector and k.startswith("arra_projector."))]
     if missing or result.unexpected_keys:
@@ -227,8 +247,8 @@ def load_checkpoint(root: str, chunks, optimizer, scheduler, finetune: bool = Fa
             state[key] = {k: v for k, v in state[key].items() if not k.startswith("arra_projector.")}
         fresh_projector = True
         logger.info("%s has no ARRA projector: it starts from its initialisation", path)
-    loaded = dist_checkpointing.load(state, path)
     model_keys = [k for k in model_sharded_state_dict(chunks)]
+    loaded = _load_without_te_extra_state(state, path, model_keys)
     for key, chunk in zip(model_keys, chunks):
         _load_chunk(chunk, loaded[key], path, allow_missing_projector=fresh_projector)
     # dist_checkpointing.load also returns the checkpoint's common (non-tensor) entries,

@@ -12,7 +12,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from arra_megatron.alignment.tap import ARRATap
 from arra_megatron.config import ARRAConfig
 from arra_megatron.models.gpt import build_gpt_chunks
-from arra_megatron.models.specs import Backend
+from arra_megatron.models.specs import Backend, default_backend
+from arra_megatron.runtime import cpu_mode
 
 
 @dataclasses.dataclass
@@ -50,11 +51,16 @@ def build_model(
             "ARRA does not support --context-parallel-size > 1 yet (L_GVA would need a CP reduction); "
             "use tensor or pipeline parallelism instead"
         )
+    backend = backend or default_backend()
     chunks = build_gpt_chunks(config, vocab_size, max_sequence_length, backend=backend, **gpt_kwargs)
     tap = None
     if arra.enabled:
-        tap = ARRATap(arra, config, seed=seed)
+        tap = ARRATap(arra, config, seed=seed, te_linear=backend == "te")
         chunks = tap.attach(chunks)
+    if not cpu_mode.is_enabled():  # as Megatron-LM's get_model: some modules are built on the host
+        import torch
+
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     if config.bf16 or config.fp16:
         # Megatron-LM's order: half-precision wrapper inside DDP; the projector follows the
         # model's dtype (the GVA loss itself is computed in fp32, see alignment/loss.py).

@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from arra_megatron.models.gpt import pad_vocab_size
 from arra_megatron.runtime.distributed import initialize_model_parallel
 from arra_megatron.training import checkpointing
-from arra_megatron.training.arguments import arra_config, transformer_config
+from arra_megatron.training.arguments import arra_config, layer_backend, transformer_config
 from arra_megatron.training.data import RankBatchSampler, TrainingData, build_training_data, micro_batch_loader
 from arra_megatron.training.forward_step import ARRAForwardStep
 from arra_megatron.training.metrics import MetricsLogger, training_flops_per_token
@@ -54,6 +54,7 @@ class Trainer:
         )
         self.bundle = build_model(
             self.config, self.arra, vocab, args.seq_length, ddp_config=ddp_config, seed=args.seed,
+            backend=layer_backend(args),
             position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         )

@@ -65,3 +65,19 @@ def megatron_outputs(ckpt: str, model_flags: list, tp: int, pp: int, samples: di
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             out["logits"] = torch.cat(full)
     return out
+
+
+def save_in_layout(ckpt: str, model_flags: list, layout: list, world_size: int, save: str) -> None:
+    """The trainer (ARRA on, so a projector is saved too) loads ``ckpt`` with ``--finetune`` in
+    ``layout`` (flags, which may also change the optimizer), trains one step, by default at
+    learning rate 0 (the weights stay bit-identical; the distributed optimizer only writes its
+    state after a step), and saves its checkpoint: model, projector, optimizer, scheduler, RNG."""
+    from arra_megatron.training.arguments import parse_args
+    from arra_megatron.training.trainer import Trainer
+
+    args = parse_args(model_flags + [
+        "--seq-length", str(SEQ), "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "1",
+        "--lr", "0", "--mock-data", "--arra-target-dim", "16", "--num-workers", "0", "--eval-interval", "1000",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--load", ckpt, "--finetune", "--save", save,
+    ] + layout, world_size=world_size)  # layout flags last: they win
+    Trainer(args).train()

@@ -14,7 +14,14 @@ transformers = pytest.importorskip("transformers")
 from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
 from arra_megatron.conversion.common import METADATA_FILE  # noqa: E402
 from arra_megatron.runtime.launch import run_workers  # noqa: E402
-from tests.conversion.fixtures import IMAGE_RANGE, hf_reference, hf_weights, make_llama, samples  # noqa: E402
+from tests.conversion.fixtures import (  # noqa: E402
+    IMAGE_RANGE,
+    assert_matches_transformers,
+    assert_same_checkpoint,
+    hf_reference,
+    make_llama,
+    samples,
+)
 from tests.conversion.llama_worker import SEQ, megatron_outputs  # noqa: E402
 
 TP, PP = 2, 2
@@ -41,20 +48,8 @@ def test_import_matches_transformers(imported):
     assert record["padded_vocab_size"] == 128  # 127 needs one row to split over TP 2
     batch = samples()
     results = run_workers(megatron_outputs, TP * PP, ckpt, record["trainer_flags"], TP, PP, batch, IMAGE_RANGE)
-    logits = [r["logits"] for r in results if "logits" in r]
-    assert len(logits) == 1
-    mega_logits = logits[0].double()
-    padded = results[0]["padded_vocab"]
-    hf_logits, hf_loss = hf_reference(imported["hf"], batch, padded)
-    assert torch.all(mega_logits[..., vocab:] == 0)  # zero embedding rows
-    diff = (mega_logits[..., :vocab] - hf_logits).abs().max().item()
-    scale = hf_logits.abs().max().item()
-    loss = results[-1]["metrics"]["lm loss"]
-    print(f"\n[{vocab=}] max |logit diff| {diff:.3e} (max |logit| {scale:.3f}); "
-          f"loss megatron {loss:.8f} transformers {hf_loss:.8f} rel {abs(loss - hf_loss) / hf_loss:.2e}")
-    assert diff <= 1e-5 * scale
-    assert all(r["metrics"]["lm loss"] == loss for r in results)
-    assert loss == pytest.approx(hf_loss, rel=1e-5)
+    hf_logits, hf_loss = hf_reference(imported["hf"], batch, results[0]["padded_vocab"])
+    assert_matches_transformers(f"{vocab=}", results, hf_logits, hf_loss, vocab)
 
 
 def test_export_round_trip(imported):
@@ -63,16 +58,11 @@ def test_export_round_trip(imported):
     assert summary["left_out"] == []
     with open(out / "model.safetensors.index.json") as f:
         assert len(set(json.load(f)["weight_map"].values())) > 1  # several shards, as save_pretrained writes
-    original, exported = hf_weights(imported["hf"]), hf_weights(str(out))
-    assert sorted(original) == sorted(exported)
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
-    a = transformers.AutoConfig.from_pretrained(imported["hf"]).to_dict()
+    assert_same_checkpoint(imported["hf"], str(out), (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
+        "attention_bias", "mlp_bias", "max_position_embeddings"))
     b = transformers.AutoConfig.from_pretrained(str(out)).to_dict()
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
-                "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings"):
-        assert a[key] == b[key], key
     generation = transformers.GenerationConfig.from_pretrained(str(out))
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (5, 6, 0)
     assert b["bos_token_id"] == 5 and b["eos_token_id"] == 6

@@ -71,3 +71,38 @@ def test_content_sha256_follows_content_not_location(tmp_path):
     assert content_sha256(tmp_path / "a") == content_sha256(tmp_path / "b")
     (tmp_path / "b" / "w.bin").write_bytes(b"\x00\x02")
     assert content_sha256(tmp_path / "a") != content_sha256(tmp_path / "b")
+
+
+def _table_profile(table):
+    import dataclasses
+
+    base = _profile()
+    return dataclasses.replace(base, vocab_size=300, image_codebook_size=len(table), image_token_offset=min(table),
+                               image_token_ids=tuple(table), tokens_per_image=4)
+
+
+def test_explicit_image_token_table():
+    """A vocabulary that already holds its image tokens (Chameleon): code c -> table[c], any order."""
+    table = [200 + (7 * c) % 64 for c in range(64)]  # a permutation of the block [200, 264)
+    p = _table_profile(table)
+    assert p.image_token_range == (200, 264)
+    codes = np.array([0, 1, 63, 9])
+    assert p.codes_to_tokens(codes).tolist() == [table[c] for c in codes]
+    assert p.tokens_to_codes(p.codes_to_tokens(codes)).tolist() == codes.tolist()
+    tokens, _ = p.build_sequence([7], codes, max_seq_length=100)
+    assert tokens[3:7].tolist() == [table[c] for c in codes]
+    with pytest.raises(ValueError, match=r"\[5\] are not image tokens"):
+        p.tokens_to_codes([5, table[0]])
+    again = TokenizerProfile.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert again == p
+    assert "image_token_ids" not in _profile().to_dict()  # profiles without a table are unchanged
+    assert _profile().tokens_to_codes([120, 183]).tolist() == [0, 63]
+
+
+def test_explicit_table_that_is_not_contiguous():
+    table = list(range(200, 263)) + [280]
+    p = _table_profile(table)
+    with pytest.raises(ValueError, match="not a contiguous block"):
+        p.image_token_range
+    with pytest.raises(ValueError, match="distinct ids"):
+        _table_profile([200] * 64)

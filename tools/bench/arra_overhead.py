@@ -17,48 +17,17 @@ import statistics
 import time
 
 import torch
-from megatron.core import tensor_parallel
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from arra_megatron.config import ARRAConfig
-from arra_megatron.models.gpt import pad_vocab_size
 from arra_megatron.runtime.distributed import initialize_model_parallel
 from arra_megatron.testing import tiny
-from arra_megatron.training.forward_step import ARRAForwardStep
-from arra_megatron.training.model import build_model
-
-IMAGE_TOKENS = 256          # 256 px with a 16x downsampling VQ
-IMAGE_RANGE = (64, 64 + 16384)  # LlamaGen VQ-16 codebook
+from arra_megatron.testing.steps import build_runner
 
 
 def make_runner(args, arra: ARRAConfig, seed: int):
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = tiny.tiny_config(num_layers=args.num_layers, hidden_size=args.hidden_size,
                               num_attention_heads=8, num_query_groups=8)
-    vocab = pad_vocab_size(IMAGE_RANGE[1], 1)
-    bundle = build_model(config, arra, vocab, args.seq_length, seed=seed)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=False, fp16=False),
-                                       bundle.chunks)
-    step = ARRAForwardStep(arra, IMAGE_RANGE, bundle.tap)
-    samples = tiny.synthetic_samples(args.global_batch, args.seq_length, num_image_tokens=IMAGE_TOKENS,
-                                     target_dim=arra.target_dim, seed=1, image_token_range=IMAGE_RANGE)
-    mbs = tiny.microbatches(samples, args.micro_batch_size)
-    forward_backward = get_forward_backward_func()
-
-    def run_step() -> dict:
-        for chunk in bundle.chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        step.begin_step(mbs)
-        losses = forward_backward(forward_step_func=step, data_iterator=iter(mbs), model=bundle.chunks,
-                                  num_microbatches=len(mbs), seq_length=args.seq_length,
-                                  micro_batch_size=args.micro_batch_size, forward_only=False)
-        metrics = step.end_step(losses)
-        optimizer.step()
-        return metrics
-
-    return run_step
+    return build_runner(config, arra, args.seq_length, args.micro_batch_size, args.global_batch, seed=seed)
 
 
 def main() -> None:

@@ -1,0 +1,96 @@
+"""tools/generate.py end to end: a model trained by the trainer -> PNGs decoded by the dataset's
+VQ model, grid.png and samples.jsonl; the same images from the checkpoint and from its export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.inference.fixtures import IMAGE_SIZE, ROOT
+
+SCRIPT = str(ROOT / "tools" / "generate.py")
+
+
+def generate(*flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ARRA_CPU_MODE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+
+
+def index(out_dir) -> list:
+    return [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(model):
+    path = model.root / "prompts.txt"
+    path.write_text("a red cat\n\nthe dog over a small blue house\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def from_checkpoint(model, prompts_file):
+    out = model.root / "samples_ckpt"
+    proc = generate("--load", str(model.checkpoint), "--prompts", str(prompts_file), "--num-samples", "2",
+                    "--cfg-scale", "2", "--top-k", "16", "--seed", "7", "--micro-batch-size", "3",
+                    "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc
+
+
+def test_pngs_grid_and_index(from_checkpoint, model):
+    out, proc = from_checkpoint
+    rows = index(out)
+    assert [r["file"] for r in rows] == [f"{i:06d}.png" for i in range(4)]
+    assert [r["prompt"] for r in rows] == ["a red cat"] * 2 + ["the dog over a small blue house"] * 2
+    assert [r["seed"] for r in rows] == [7, 8, 9, 10]
+    for r in rows:
+        with Image.open(out / r["file"]) as image:
+            assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB"
+            pixels = np.asarray(image)
+        assert pixels.std() > 0  # a decoded image, not a constant fill
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (4 * (IMAGE_SIZE + 2) + 2, IMAGE_SIZE + 4)  # make_grid, 4 images in one row, padding 2
+    assert "sampling" in proc.stderr  # the tqdm bar
+
+
+def test_pngs_are_the_vq_decoding_of_the_codes(from_checkpoint, model):
+    import torch
+
+    from arra_megatron.inference.output import to_unit_range
+    from arra_megatron.tokenization.image import ImageTokenizer
+
+    out, _ = from_checkpoint
+    rows = index(out)
+    vq = ImageTokenizer(model.vq, IMAGE_SIZE)
+    pixels = to_unit_range(vq.decode(torch.tensor([r["codes"] for r in rows])))
+    expected = (pixels * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # save_image's rounding
+    for r, want in zip(rows, expected):
+        with Image.open(out / r["file"]) as image:
+            assert np.array_equal(np.asarray(image), want)
+
+
+def test_hf_export_gives_the_same_images(from_checkpoint, model, hf_dir, prompts_file):
+    out = model.root / "samples_hf"
+    proc = generate("--hf", str(hf_dir), "--data-path", str(model.prefix), "--prompts", str(prompts_file),
+                    "--num-samples", "2", "--cfg-scale", "2", "--top-k", "16", "--seed", "7", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert index(out) == index(from_checkpoint[0])
+
+
+def test_bad_flags_exit_2(model, tmp_path, capsys):
+    from arra_megatron.inference.cli import main
+
+    # A text-to-image model has no class tokens: refused before any model is loaded.
+    assert main(["--load", str(model.checkpoint), "--class-ids", "0", "--out-dir", str(tmp_path / "c")]) == 2
+    assert "--prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--load", str(model.checkpoint), "--class-ids", "0", "--top-p", "0", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--top-p" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
