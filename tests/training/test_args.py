@@ -144,6 +144,17 @@ def test_fp8_without_gpu_or_transformer_engine(capsys):
     assert "bf16" in err  # and what to do instead
 
 
+@pytest.mark.skipif(has_transformer_engine(), reason="this machine has Transformer Engine and a GPU")
+def test_transformer_engine_layers_without_transformer_engine(capsys):
+    err = fails(capsys, BASE + ["--transformer-impl", "transformer_engine"])
+    assert "--transformer-impl local" in err
+
+
+def test_fp8_needs_the_transformer_engine_layers(capsys):
+    err = fails(capsys, BASE + ["--fp8-format", "e4m3", "--transformer-impl", "local"])
+    assert "--fp8-format" in err and "--transformer-impl local" in err
+
+
 @pytest.mark.parametrize("layout, words", [
     # 8 layers over PP2 = 4 per stage: 3 layers per virtual stage does not divide it
     (["--num-layers", "8", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
