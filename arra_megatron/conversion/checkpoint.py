@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +47,7 @@ TOKENIZER_DIR = "hf_tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 # ================================================================================ Hugging Face side
@@ -83,6 +84,19 @@ class SafetensorsDir:
         # in this process's memory) until the end of the conversion.
         with safe_open(self.files[name], "pt") as f:
             return f.get_tensor(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the meta device: its shape and dtype, from the file header only."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise ConversionError(f"tensor {name} is missing from the safetensors files")
+        with safe_open(self.files[name], "pt") as f:
+            info = f.get_slice(name)
+            dtype = _SAFETENSORS_DTYPES.get(info.get_dtype())
+            if dtype is None:
+                raise ConversionError(f"tensor {name} has dtype {info.get_dtype()}, not a floating point weight")
+            return torch.empty(info.get_shape(), dtype=dtype, device="meta")
 
 
 def copy_tokenizer_files(source: str, target: str) -> List[str]:
@@ -201,7 +215,13 @@ def exact_vocab_multiple(vocab_size: int, tensor_model_parallel_size: int, up_to
 
 
 def _import_worker(hf_dir: str, root: str, record: dict) -> None:
-    """One TP x PP rank: build this layout's chunk, fill it from Hugging Face, save. Collective."""
+    """One TP x PP rank: build this layout's chunk, fill it from Hugging Face, save. Collective.
+
+    The chunk is built on the meta device (shapes, names and sharding only); each parameter
+    is converted from the safetensors when dist checkpointing writes it
+    (``_streaming_save_strategy``), so memory holds about one tensor at a time, not the model.
+    """
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from arra_megatron.fileio import write_json_atomic
@@ -213,22 +233,37 @@ def _import_worker(hf_dir: str, root: str, record: dict) -> None:
     family = FAMILIES[arch.model_type]
     tp, pp = record["layout"]["tp"], record["layout"]["pp"]
     initialize_model_parallel(tp, pp)
-    # No random initialisation: every parameter is overwritten from the Hugging Face tensors.
-    config = arch.transformer_config(tp, pp, record["dtype"], perform_initialization=False)
-    chunks = build_gpt_chunks(config, record["padded_vocab_size"], arch.max_position_embeddings,
-                              rotary_base=int(arch.rotary_base),
-                              share_embeddings_and_output_weights=arch.tie_embeddings)
+    # No random initialisation (every parameter comes from Hugging Face), and no storage: with
+    # init_model_with_meta_device Megatron also skips the tied-embedding all-reduce at PP > 1.
+    # use_cpu_initialization: parameters are created without a device argument, so on the meta one.
+    config = arch.transformer_config(tp, pp, record["dtype"], perform_initialization=False,
+                                     use_cpu_initialization=True, init_model_with_meta_device=True)
+    with torch.device("meta"):
+        chunks = build_gpt_chunks(config, record["padded_vocab_size"], arch.max_position_embeddings,
+                                  rotary_base=int(arch.rotary_base),
+                                  share_embeddings_and_output_weights=arch.tie_embeddings)
     hf = SafetensorsDir(hf_dir)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    with torch.no_grad():
-        for chunk in chunks:
-            for name, param in global_parameter_names(chunk):
-                full = family.megatron_tensor(name, hf, arch, record["padded_vocab_size"])
-                shard = tp_shard(name, full, param, tp_rank, tp)
-                if shard.shape != param.shape:
-                    raise ConversionError(f"{name}: converted shard {tuple(shard.shape)} does not fit the "
-                                          f"parameter {tuple(param.shape)}")
-                param.copy_(shard)
+    params = [(name, param) for chunk in chunks for name, param in global_parameter_names(chunk)]
+    allocated = [name for name, param in params if not param.is_meta]
+    if allocated:
+        raise RuntimeError(f"import builds the model on the meta device, but {allocated[:4]} were allocated")
+
+    def shard(name: str, param: torch.nn.Parameter, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        converted = tp_shard(name, family.megatron_tensor(name, read, arch, record["padded_vocab_size"]),
+                             param, tp_rank, tp)
+        if converted.shape != param.shape:
+            raise ConversionError(f"{name}: converted shard {tuple(converted.shape)} does not fit the "
+                                  f"parameter {tuple(param.shape)}")
+        return converted
+
+    for name, param in params:  # shapes only (meta tensors), so that a mismatch fails before writing
+        shard(name, param, hf.meta)
+
+    def produce(name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.empty(param.shape, dtype=param.dtype).copy_(shard(name, param, hf))
+
     path = checkpointing.iteration_dir(root, 0)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -236,9 +271,7 @@ def _import_worker(hf_dir: str, root: str, record: dict) -> None:
     torch.distributed.barrier()
     state = checkpointing.model_sharded_state_dict(chunks)
     state.update(iteration=0, consumed_samples=0, conversion=record)
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save(state, path)
+    dist_checkpointing.save(state, path, sharded_strategy=_streaming_save_strategy(params, produce))
     torch.distributed.barrier()
     if rank == 0:
         write_json_atomic(os.path.join(path, checkpointing.COMPLETE_FILE),
@@ -246,6 +279,99 @@ def _import_worker(hf_dir: str, root: str, record: dict) -> None:
                            "imported_from": record["source"]})
         write_json_atomic(os.path.join(root, checkpointing.TRACKER_FILE), 0)
     torch.distributed.barrier()
+
+
+def _storage_id(tensor: torch.Tensor) -> int:
+    """What a parameter shares with its detached copies and views (meta tensors included)."""
+    return tensor.untyped_storage()._cdata
+
+
+def _streaming_save_strategy_class():
+    """The class behind ``_streaming_save_strategy``, defined on first use (Megatron and torch.distributed.checkpoint
+    are imported only by the conversion workers)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.futures import Future
+
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    class ProducingPlanner(MCoreSavePlanner):
+        """Megatron's save planner, whose meta tensors get their data when written: the write
+        item's view is taken of the parameter ``produce`` returns (one parameter kept, for the
+        several items a parameter can give, e.g. gate and up of a TP-split fc1)."""
+
+        def __init__(self, sources: Dict[int, Callable[[], torch.Tensor]], **kwargs):
+            super().__init__(**kwargs)
+            self.sources = sources
+            self.current: Tuple[Optional[int], Optional[torch.Tensor]] = (None, None)
+
+        def lookup_object(self, index):
+            obj = super().lookup_object(index)
+            if not (isinstance(obj, torch.Tensor) and obj.is_meta):
+                return obj
+            key = _storage_id(obj)
+            if key not in self.sources:
+                raise ConversionError(f"{index.fqn}: no converted tensor behind this checkpoint entry")
+            if self.current[0] != key:
+                self.current = (None, None)  # drop the previous parameter before making the next
+                self.current = (key, self.sources[key]())
+            return self.current[1].as_strided(obj.shape, obj.stride(), obj.storage_offset())
+
+    class StreamingWriter(FileSystemWriter):
+        """torch's file system writer (one file per rank, torch.save records) writing each item
+        as soon as it is resolved and dropping it before the next (the stock writer keeps every
+        tensor of a file referenced until the file is closed)."""
+
+        def write_data(self, plan, planner) -> Future:
+            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            results = []
+            items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)
+                    if item.type != WriteItemType.BYTE_IO:
+                        data = data.detach()
+                        if data.untyped_storage().nbytes() != data.nbytes:  # torch.save writes whole storages
+                            data = data.clone()
+                    results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                    del data
+                stream.flush()
+                os.fsync(stream.fileno())
+            future: Future = Future()
+            future.set_result(results)
+            return future
+
+    class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
+        """Megatron's torch_dist format, written through torch.distributed.checkpoint.save with
+        ``ProducingPlanner`` and ``StreamingWriter`` (same keys, metadata and records)."""
+
+        def __init__(self, params: List[Tuple[str, torch.nn.Parameter]],
+                     produce: Callable[[str, torch.nn.Parameter], torch.Tensor]):
+            super().__init__("torch_dist", 1)
+            self.sources = {_storage_id(p): (lambda n=n, p=p: produce(n, p)) for n, p in params}
+
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            import torch.distributed.checkpoint as dcp
+
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            planner = ProducingPlanner(self.sources, dedup_replicated_tensors=not self.keep_only_main_replica,
+                                       flatten_state_dict=False, flatten_sharded_tensors=False)
+            dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=StreamingWriter(str(checkpoint_dir)),
+                     planner=planner)
+
+    return StreamingSaveStrategy
+
+
+def _streaming_save_strategy(params: List[Tuple[str, torch.nn.Parameter]],
+                             produce: Callable[[str, torch.nn.Parameter], torch.Tensor]):
+    """A dist-checkpointing save strategy writing ``produce(name, param)`` for each meta ``param``."""
+    return _streaming_save_strategy_class()(params, produce)
 
 
 # ================================================================================ export
