@@ -8,8 +8,8 @@ layout ``arra_megatron.training.checkpointing`` reads: ``iter_0000000/`` with
 The trainer loads it with ``--load CKPT --finetune``.
 
 Export reads any trainer checkpoint (any TP / PP / VPP / DP, with or without optimizer
-state) in one process: dist-checkpoint keys are global, so it reads one full tensor
-(a weight of every layer, stacked) at a time, maps them to Hugging Face names, and writes sharded safetensors.
+state) in one process: dist-checkpoint keys are global, so it reads one layer (every
+TP / PP shard of it) at a time, maps it to Hugging Face names, and writes sharded safetensors.
 """
 
 from __future__ import annotations
@@ -509,7 +509,7 @@ def _check_layout(metadata: dict, arch: GPTArchitecture) -> int:
 
 
 def _read_full(path: str, key: str, meta) -> torch.Tensor:
-    """One full tensor (all layers, all TP / PP shards) from a dist checkpoint."""
+    """One full tensor (all TP / PP shards) from a dist checkpoint."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -518,34 +518,74 @@ def _read_full(path: str, key: str, meta) -> torch.Tensor:
     return dist_checkpointing.load(request, path)["t"]
 
 
+def _read_layer(path: str, keys: List[str], metadata: dict, index: int) -> Dict[str, torch.Tensor]:
+    """Layer ``index`` of the stacked tensors ``keys`` (all TP / PP shards), in one read."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    request = {}
+    for key in keys:
+        shape = tuple(metadata[key].global_shape)
+        request[key] = ShardedTensor.from_rank_offsets(key, torch.empty((1,) + shape[1:], dtype=metadata[key].dtype),
+                                                       (0, index, shape[0]), replica_id=0)
+    # Not every layer is requested: the check that a load covers whole tensors does not apply.
+    loaded = dist_checkpointing.load(request, path, validate_access_integrity=False)
+    return {key: loaded[key][0] for key in keys}  # (the load also returns the common state)
+
+
+# safetensors' dtype names (its format: 8-byte header length, JSON header, raw little-endian data).
+_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 class _ShardWriter:
-    """Sharded safetensors in the transformers layout (index + ``model-0000i-of-0000n``)."""
+    """Sharded safetensors in the transformers layout (index + ``model-0000i-of-0000n``),
+    written as tensors arrive: each one's bytes go to the shard's data file at once, and the
+    header is put in front when the shard is full, so no shard is held in memory."""
 
     def __init__(self, directory: str, max_shard_bytes: int):
         self.directory, self.max_bytes = directory, max_shard_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
+        self.header: Dict[str, dict] = {}
+        self.data = None  # the open data file of the current shard
         self.pending_bytes = 0
         self.files: List[List[str]] = []
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_NAMES:
+            raise ConversionError(f"{name}: dtype {tensor.dtype} has no safetensors name")
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
+        if self.header and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        # A copy: a view would keep the whole stacked tensor it came from alive until the flush.
-        self.pending[name] = tensor.detach().clone(memory_format=torch.contiguous_format)
+        if self.data is None:
+            self.data = open(os.path.join(self.directory, f"shard-{len(self.files)}.data"), "wb")
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.data.write(memoryview(raw))
+        self.header[name] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.pending_bytes, self.pending_bytes + size]}
         self.pending_bytes += size
         self.total += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
+        import shutil
+        import struct
 
-        save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.files)}.tmp"), metadata={"format": "pt"})
-        self.files.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        data_path = self.data.name
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(os.path.join(self.directory, f"shard-{len(self.files)}.tmp"), "wb") as out, \
+                open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 1 << 24)
+        os.remove(data_path)
+        self.files.append(list(self.header))
+        self.header, self.data, self.pending_bytes = {}, None, 0
 
     def finish(self) -> None:
-        if self.pending:
+        if self.header:
             self._flush()
         n = len(self.files)
         if n == 1:
@@ -576,7 +616,7 @@ def export_checkpoint(load: str, hf_out: str, model_type: Optional[str] = None, 
                       import_dir: Optional[str] = None) -> dict:
     """Write the model of trainer checkpoint ``load`` as a transformers directory ``hf_out``.
 
-    One process, one dist-checkpoint tensor in memory at a time (e.g. every layer's fc1). The
+    One process, one layer (or the embeddings) in memory at a time. The
     ARRA projector, optimizer and RNG states are left out. Tokenizer files come from
     ``tokenizer`` (a directory) or, for an imported checkpoint, from the copy the import
     kept. Returns a summary.
@@ -643,21 +683,19 @@ def _export(path: str, hf_out: str, model_type: Optional[str], vocab_size: Optio
     tokenizer_files: List[str] = []
     with staged_output(hf_out, "--hf-out") as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
-        # Tensor by tensor: memory holds one dist-checkpoint tensor (one weight of every
-        # layer, stacked) plus one safetensors shard being written.
+        # Tensor by tensor: memory holds the embeddings or one layer; shards are written as they fill.
         names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
         if not arch.tie_embeddings:
             names.append("output_layer.weight")
         for name in names:
             for hf_name, tensor in family.hf_tensors(name, _read_full(path, name, metadata[name]), arch):
                 writer.add(hf_name, tensor)
-        for local in layer_params(arch):
-            key = sharded_key(local)[0]
-            stacked = _read_full(path, key, metadata[key])
-            for index in range(arch.num_layers):
-                for hf_name, tensor in family.hf_tensors(f"decoder.layers.{index}.{local}", stacked[index], arch):
+        keys = {local: sharded_key(local)[0] for local in layer_params(arch)}
+        for index in range(arch.num_layers):  # one layer in memory at a time
+            layer = _read_layer(path, list(keys.values()), metadata, index)
+            for local, key in keys.items():
+                for hf_name, tensor in family.hf_tensors(f"decoder.layers.{index}.{local}", layer.pop(key), arch):
                     writer.add(hf_name, tensor)
-            del stacked
         if hasattr(family, "auxiliary_tensors"):  # not part of the GPT, kept beside the import (a VQ-VAE)
             for hf_name, tensor in family.auxiliary_tensors(source_dir):
                 writer.add(hf_name, tensor)
