@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -58,8 +59,6 @@ def build_model(
         tap = ARRATap(arra, config, seed=seed, te_linear=backend == "te")
         chunks = tap.attach(chunks)
     if not cpu_mode.is_enabled():  # as Megatron-LM's get_model: some modules are built on the host
-        import torch
-
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     if config.bf16 or config.fp16:
         # Megatron-LM's order: half-precision wrapper inside DDP; the projector follows the

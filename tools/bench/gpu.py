@@ -51,8 +51,8 @@ def measure(name: str, precision: str, args) -> dict:
         config = tiny.tiny_config(**shape, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
                                   **fp8)
         arra = ARRAConfig(target_dim=TARGET_DIM) if arm == "on" else ARRAConfig(enabled=False)
-        runners[arm] = build_runner(config, arra, seq, mbs, mbs * args.micro_batches, seed=1234, backend="te"
-                                    if has_transformer_engine() else "local")
+        # The layer spec is the trainer's default: Transformer Engine when installed, else local.
+        runners[arm] = build_runner(config, arra, seq, mbs, mbs * args.micro_batches, seed=1234)
     times = {"on": [], "off": []}
     for i in range(args.warmup + args.steps):
         for arm in (("on", "off") if i % 2 == 0 else ("off", "on")):
