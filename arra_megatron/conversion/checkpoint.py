@@ -412,13 +412,14 @@ def _architecture_from_args(args: dict, vocab_size: Optional[int]) -> GPTArchite
     groups = args.get("num_query_groups") if args.get("group_query_attention") else heads
     if vocab_size is None:
         vocab_size = args.get("vocab_size")
-    if vocab_size is None and args.get("data_path"):
+    from arra_megatron.training.arguments import data_prefixes, training_data_path
+
+    if vocab_size is None and training_data_path(args):
         from arra_megatron.data.dataset import read_manifest
-        from arra_megatron.training.arguments import data_prefixes
 
         try:
             vocab_size = max(read_manifest(p)["tokenizer_profile"]["vocab_size"]
-                             for p in data_prefixes(args["data_path"]))
+                             for p in data_prefixes(training_data_path(args)))
         except (FileNotFoundError, KeyError):
             vocab_size = None
     if vocab_size is None:

@@ -148,18 +148,27 @@ def blend_from_data_path(data_path: List[str]) -> Tuple[List[str], Optional[List
     return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
 
 
-def build_arra_datasets(data_path: List[str], split: str, seq_length: int, seed: int,
+def build_arra_datasets(data_path: Optional[List[str]], split: str, seq_length: int, seed: int,
                         sizes: List[Optional[int]], condition_dropout_prob: float = 0.0,
-                        loss_on_text: bool = False, with_features: bool = False, with_images: bool = False):
-    """(train, valid, test) datasets, blended and split as Megatron-LM does."""
-    prefixes, weights = blend_from_data_path(data_path)
+                        loss_on_text: bool = False, with_features: bool = False, with_images: bool = False,
+                        per_split: Optional[List[Optional[List[str]]]] = None):
+    """(train, valid, test) datasets, blended and split as Megatron-LM does: ``data_path`` cut by
+    ``split``, or ``per_split`` = [train, valid, test] data paths (``--train-data-path`` ...; None
+    for a split that has none)."""
+    if per_split is not None:
+        blends = {"blend": None, "split": None,
+                  "blend_per_split": [blend_from_data_path(p) if p else None for p in per_split]}
+    else:
+        blends = {"blend": blend_from_data_path(data_path), "split": split}
+    used = [blend for blend in (blends.get("blend_per_split") or [blends["blend"]]) if blend]
+    prefixes = [prefix for blend_prefixes, _ in used for prefix in blend_prefixes]
     profiles = [TokenizerProfile.from_dict(read_manifest(p)["tokenizer_profile"]) for p in prefixes]
     for prefix, profile in zip(prefixes[1:], profiles[1:]):
         if profile != profiles[0]:
             raise ValueError(f"--data-path: {prefix} has a different tokenizer profile than {prefixes[0]}; "
-                             "blended datasets must share one vocabulary layout")
+                             "blended datasets and held-out sets must share one vocabulary layout")
     config = ARRADatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        random_seed=seed, sequence_length=seq_length, **blends,
         profile=profiles[0], condition_dropout_prob=condition_dropout_prob, loss_on_text=loss_on_text,
         with_features=with_features, with_images=with_images, mid_level_dataset_surplus=0.005,
     )

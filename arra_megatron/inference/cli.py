@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     cond = g.add_mutually_exclusive_group(required=True)
     cond.add_argument("--prompts", metavar="FILE", help="text-to-image: one prompt per line")
     cond.add_argument("--class-ids", type=int, nargs="+", metavar="ID", help="class-to-image: class ids")
+    cond.add_argument("--unconditional", action="store_true",
+                      help="the null condition that --condition-dropout-prob trains (a model trained with "
+                           "--condition-dropout-prob 1 is an unconditional one); --num-samples images")
     g.add_argument("--num-samples", type=int, default=1, help="images per prompt or class")
     g.add_argument("--micro-batch-size", type=int, default=8, help="images sampled together (x2 with guidance)")
 
@@ -71,6 +74,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for flag in ("num_samples", "micro_batch_size", "tensor_model_parallel_size", "grid_nrow"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.unconditional and args.cfg_scale != 1.0:
+        parser.error("--unconditional samples the null condition: there is no condition for --cfg-scale to guide")
     if args.hf and not args.data_path:
         parser.error("--hf needs --data-path (the dataset whose tokenizer profile the model was trained on)")
     if os.path.exists(os.path.join(args.out_dir, "samples.jsonl")):
@@ -83,17 +88,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def _conditions(args) -> List[Condition]:
     if args.prompts:
         requested = [Condition(prompt=p) for p in read_prompts(args.prompts)]
-    else:
+    elif args.class_ids:
         requested = [Condition(class_id=c) for c in args.class_ids]
+    else:
+        requested = [Condition()]
     return [c for c in requested for _ in range(args.num_samples)]
 
 
 def _profile_prefix(args, checkpoint_args: Optional[dict]) -> str:
     if args.data_path:
         return args.data_path
-    from arra_megatron.training.arguments import data_prefixes
+    from arra_megatron.training.arguments import data_prefixes, training_data_path
 
-    data_path = (checkpoint_args or {}).get("data_path")
+    data_path = training_data_path(checkpoint_args or {})
     if not data_path:
         raise ValueError(f"--load {args.load}: the run did not train on a dataset (--mock-data?); give --data-path")
     return data_prefixes(data_path)[0]

@@ -11,14 +11,20 @@ from arra_megatron.tokenization.profile import TokenizerProfile
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
-    """One requested image: a text prompt or a class id (exactly one of them)."""
+    """One requested image: a text prompt, a class id, or neither (the null condition: unconditional)."""
 
     prompt: Optional[str] = None
     class_id: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        if self.prompt is not None and self.class_id is not None:
+            raise ValueError("a condition is a prompt or a class id, not both")
+
     def record(self) -> dict:
         """The part of a ``samples.jsonl`` line that says what was asked for."""
-        return {"prompt": self.prompt} if self.prompt is not None else {"class_id": self.class_id}
+        if self.prompt is not None:
+            return {"prompt": self.prompt}
+        return {"class_id": self.class_id} if self.class_id is not None else {"unconditional": True}
 
 
 def read_prompts(path: str) -> List[str]:
@@ -50,6 +56,8 @@ def condition_tokens(conditions: Sequence[Condition], profile: TokenizerProfile,
             if text_tokenizer is None:
                 raise ValueError("--prompts needs the dataset's text tokenizer (--text-tokenizer)")
             out.append(list(text_tokenizer.encode(condition.prompt)))
+        elif condition.class_id is None:
+            out.append([profile.special.null_condition])  # as condition dropout (drop_condition) trains it
         else:
             if profile.num_classes == 0:
                 raise ValueError("--class-ids: this model's dataset has no class tokens (text-to-image); "

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import yaml
 
 from arra_megatron.config import AGGREGATIONS, OBJECTIVES, PROJECTORS, TARGETS, ARRAConfig, ARRAConfigError
+from arra_megatron.encoders import SPEC_HELP as ENCODER_SPEC_HELP
+from arra_megatron.encoders import parse_encoder_spec
 
 
 class ArgumentError(ValueError):
@@ -111,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="PREFIX, or weighted blend 'W1 PREFIX1 W2 PREFIX2 ...'")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
+    g.add_argument("--train-data-path", nargs="+",
+                   help="instead of --data-path and --split: the training datasets (PREFIX or 'W1 P1 W2 P2 ...'), "
+                        "with --valid-data-path / --test-data-path for independent held-out sets (Megatron-LM)")
+    g.add_argument("--valid-data-path", nargs="+", help="with --train-data-path: the validation datasets")
+    g.add_argument("--test-data-path", nargs="+", help="with --train-data-path: the test datasets")
     g.add_argument("--mock-data", action=argparse.BooleanOptionalAction, default=False, help="synthetic ARRA samples (no --data-path)")
     g.add_argument("--num-workers", type=int, default=2,
                    help="data-loader processes per rank that read and assemble micro-batches ahead (0: none)")
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arra-projector", choices=PROJECTORS, default="mlp")
     g.add_argument("--arra-target-dim", type=int, default=512, help="D, the dimension of f_GF")
     g.add_argument("--arra-aggregation", choices=AGGREGATIONS, default="cls")
-    g.add_argument("--arra-encoder", help="frozen target encoder for --arra-targets online")
+    g.add_argument("--arra-encoder", help=f"frozen target encoder for --arra-targets online: {ENCODER_SPEC_HELP}")
     g.add_argument("--arra-targets", choices=["precomputed", "online"], default="precomputed")
     g.add_argument("--z-loss-weight", type=float, default=0.0, help="z-loss weight (1e-5 in the paper's 7B runs)")
     return p
@@ -286,13 +293,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                             f"{args.lr_decay_iters} (default: --train-iters)")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.mock_data == bool(args.data_path):
-        raise ArgumentError("give exactly one of --data-path and --mock-data")
+    if sum((bool(args.mock_data), bool(args.data_path), bool(args.train_data_path))) != 1:
+        raise ArgumentError("give exactly one of --data-path, --train-data-path and --mock-data")
+    if (args.valid_data_path or args.test_data_path) and not args.train_data_path:
+        raise ArgumentError("--valid-data-path and --test-data-path go with --train-data-path (with --data-path, "
+                            "--split carves the held-out sets out of it)")
     if args.mock_data and args.vocab_size is None:
         raise ArgumentError("--mock-data needs --vocab-size")
-    if args.data_path:
-        _check_data_path(args.data_path)
-        _check_datasets(args)
+    for flag, data_path in named_data_paths(vars(args)):
+        _check_data_path(data_path, flag)
+        _check_datasets(args, flag, data_path)
+    if args.arra and args.arra_targets == "precomputed":
+        _check_one_encoder(named_data_paths(vars(args)))
     if args.finetune and not args.load:
         raise ArgumentError("--finetune needs --load CHECKPOINT")
     for name in ("log_interval", "eval_interval", "micro_batch_size", "train_iters"):
@@ -305,8 +317,26 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ArgumentError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
     if args.arra and args.arra_targets == "online" and not args.arra_encoder:
         raise ArgumentError("--arra-targets online needs --arra-encoder")
+    if args.arra and args.arra_targets == "online":
+        try:
+            parse_encoder_spec(args.arra_encoder)
+        except ValueError as err:
+            raise ArgumentError(f"--arra-encoder: {err}") from None
     arra_config(args).validate_for_model(num_layers=args.num_layers, hidden_size=args.hidden_size,
                                          tensor_model_parallel_size=tp)
+
+
+DATA_PATH_FLAGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+
+
+def named_data_paths(args: dict) -> List[Tuple[str, List[str]]]:
+    """``(flag, value)`` of each data-path flag a run (or a checkpoint's saved arguments) gives."""
+    return [(_flag(name), args[name]) for name in DATA_PATH_FLAGS if args.get(name)]
+
+
+def training_data_path(args: dict) -> Optional[List[str]]:
+    """The datasets a run trains on: ``--data-path`` or ``--train-data-path`` (None with mock data)."""
+    return args.get("data_path") or args.get("train_data_path")
 
 
 def data_prefixes(data_path: List[str]) -> List[str]:
@@ -322,34 +352,51 @@ def data_prefixes(data_path: List[str]) -> List[str]:
     return list(data_path[1::2])
 
 
-def _check_data_path(data_path: List[str]) -> None:
+def _check_data_path(data_path: List[str], flag: str = "--data-path") -> None:
     for prefix in data_prefixes(data_path):
         missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
-            raise ArgumentError(f"--data-path {prefix}: no dataset there (missing {', '.join(prefix + e for e in missing)})")
+            raise ArgumentError(f"{flag} {prefix}: no dataset there (missing {', '.join(prefix + e for e in missing)})")
 
 
-def _check_datasets(args: argparse.Namespace) -> None:
+def _check_one_encoder(named_paths: List[Tuple[str, List[str]]]) -> None:
+    """Precomputed targets of every training and held-out dataset come from one encoder (its identity:
+    weights hash, aggregation, preprocessing), or the losses would mix incomparable target spaces."""
+    from arra_megatron.data.dataset import read_manifest
+
+    seen: Optional[Tuple[str, dict]] = None
+    for flag, data_path in named_paths:
+        for prefix in data_prefixes(data_path):
+            identity = read_manifest(prefix)["features"].get("encoder")
+            if seen is None:
+                seen = (f"{flag} {prefix}", identity)
+            elif identity != seen[1]:
+                raise ArgumentError(f"{flag} {prefix}: its precomputed ARRA targets come from another encoder than "
+                                    f"those of {seen[0]} ({(identity or {}).get('name')} vs {(seen[1] or {}).get('name')}); "
+                                    "recompute them with tools/precompute_features.py and one --encoder")
+
+
+def _check_datasets(args: argparse.Namespace, flag: str, data_path: List[str]) -> None:
     """The datasets' manifests against the model: vocabulary, sequence length, target dimension."""
     from arra_megatron.data.dataset import read_manifest
 
-    for prefix in data_prefixes(args.data_path):
+    for prefix in data_prefixes(data_path):
         try:
             manifest = read_manifest(prefix)
         except FileNotFoundError as err:
-            raise ArgumentError(f"--data-path {prefix}: {err}") from None
+            raise ArgumentError(f"{flag} {prefix}: {err}") from None
         profile = manifest["tokenizer_profile"]
         if args.vocab_size is not None and profile["vocab_size"] > args.vocab_size:
-            raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the vocabulary of --data-path "
+            raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the vocabulary of {flag} "
                                 f"{prefix} ({profile['vocab_size']}); raise it or drop --vocab-size")
         longest = manifest.get("max_seq_length")
         if longest is not None and longest > args.seq_length + 1:
-            raise ArgumentError(f"--data-path {prefix} holds documents of up to {longest} tokens; --seq-length "
+            raise ArgumentError(f"{flag} {prefix} holds documents of up to {longest} tokens; --seq-length "
                                 f"{args.seq_length} would cut them (use --seq-length {longest - 1})")
         if args.arra:
             features = manifest.get("features")
             if args.arra_targets == "precomputed" and not features:
-                raise ArgumentError(f"--data-path {prefix} has no precomputed ARRA targets: add them with "
+                raise ArgumentError(f"{flag} {prefix} has no precomputed ARRA targets: add them with "
                                     "tools/precompute_features.py, use --arra-targets online, or --no-arra")
             if args.arra_targets == "precomputed":
                 arra_config(args).validate_for_model(

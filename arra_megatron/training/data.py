@@ -78,8 +78,9 @@ def build_training_data(args: argparse.Namespace) -> TrainingData:
         return TrainingData(mock, _Offset(mock, _VALID_OFFSET), args.vocab_size, mock.image_token_range)
     from arra_megatron.data.dataset import build_arra_datasets
 
+    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path] if args.train_data_path else None
     (train, valid, _), profile = build_arra_datasets(
-        args.data_path, args.split, args.seq_length, args.seed, dataset_sizes(args),
+        args.data_path, args.split, args.seq_length, args.seed, dataset_sizes(args), per_split=per_split,
         condition_dropout_prob=args.condition_dropout_prob, loss_on_text=args.loss_on_text,
         with_features=args.arra and args.arra_targets == "precomputed",
         with_images=args.arra and args.arra_targets == "online",

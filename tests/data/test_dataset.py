@@ -140,3 +140,24 @@ def test_mismatched_profiles_and_missing_features(tmp_path):
         _build(tmp_path, ["1", "a", "1", "c"])
     with pytest.raises(FileNotFoundError, match="precompute_features.py"):
         _build(tmp_path, ["c"])
+
+
+def test_per_split_data_paths(two_prefixes):
+    """--train-data-path a --valid-data-path b: every training sample is a document of a, every
+    validation sample one of b (matched by content), and each takes all of its documents."""
+    root, profile, docs_a, docs_b = two_prefixes
+    (train, valid, test), got = build_arra_datasets(None, "ignored", SEQ, 5, [100, 60, 0],
+                                                    per_split=[[str(root / "a")], [str(root / "b")], None],
+                                                    with_features=True)
+    assert got == profile and test is None
+
+    def docs_of(ds):
+        return {tuple(ds[i]["tokens"][:len(d)].tolist()) for i in range(len(ds))
+                for d in [docs_b[int(ds[i]["sample_id"])] if ds is valid else docs_a[int(ds[i]["sample_id"])]]}
+
+    assert docs_of(train) == {tuple(d.tolist()) for d in docs_a}
+    assert docs_of(valid) == {tuple(d.tolist()) for d in docs_b}
+    table_b = np.load(root / "b.features.npy")
+    for i in range(10):
+        row = table_b[int(valid[i]["sample_id"])]
+        assert torch.equal(valid[i]["arra_targets"], torch.from_numpy(row.astype(np.float32)))

@@ -94,3 +94,31 @@ def test_bad_flags_exit_2(model, tmp_path, capsys):
         main(["--load", str(model.checkpoint), "--class-ids", "0", "--top-p", "0", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "--top-p" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_unconditional_samples_the_null_condition(model, hf_dir):
+    """--unconditional draws from [BOS] [NULL] [BOI], the prompt condition dropout trains."""
+    import torch
+
+    from arra_megatron.inference.conditions import dataset_profile
+    from arra_megatron.inference.hf_decoder import HFDecoder, load_hf_model
+    from arra_megatron.inference.sampling import SamplingConfig, null_prompt, sample_image_tokens
+
+    out = model.root / "samples_uncond"
+    proc = generate("--hf", str(hf_dir), "--data-path", str(model.prefix), "--unconditional", "--num-samples", "3",
+                    "--top-k", "16", "--seed", "11", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = index(out)
+    assert [(r["unconditional"], r["seed"]) for r in rows] == [(True, 11), (True, 12), (True, 13)]
+    profile, _ = dataset_profile(str(model.prefix))
+    decoder = HFDecoder(load_hf_model(str(hf_dir)), True)
+    codes = sample_image_tokens(decoder, profile, [null_prompt(profile)] * 3, [11, 12, 13], SamplingConfig(top_k=16))
+    assert torch.equal(torch.as_tensor(codes), torch.tensor([r["codes"] for r in rows]))
+
+
+def test_unconditional_refuses_guidance(model, tmp_path):
+    from arra_megatron.inference.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--load", str(model.checkpoint), "--unconditional", "--cfg-scale", "2", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2

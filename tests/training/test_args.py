@@ -239,3 +239,32 @@ def test_cli_rejects_bad_flags_before_starting():
                           env={**os.environ, "ARRA_CPU_MODE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--arra-align-layer 9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_held_out_paths_need_train_data_path(capsys, tmp_path):
+    argv = [a for a in BASE if a not in ("--mock-data",)]
+    err = fails(capsys, argv + ["--data-path", str(tmp_path / "x"), "--valid-data-path", str(tmp_path / "v")])
+    assert "--valid-data-path" in err and "--train-data-path" in err
+    missing = str(tmp_path / "nowhere" / "val")
+    err = fails(capsys, argv + ["--train-data-path", str(tmp_path / "x"), "--valid-data-path", missing])
+    assert "--train-data-path" in err and "no dataset there" in err
+
+
+def test_held_out_targets_from_another_encoder(capsys, tmp_path):
+    """Training and validation targets must come from one encoder (its manifest identity)."""
+    import json
+
+    from tests.data.test_dataset import _profile, write_prefix
+
+    argv = [a for a in BASE if a not in ("--mock-data", "--vocab-size", "256")]
+    argv = replace(replace(argv, "--seq-length", "24"), "--arra-target-dim", "6")
+    for name, sha in (("train", "a" * 64), ("val", "b" * 64)):
+        write_prefix(tmp_path / name, 8, 1, _profile())
+        manifest = json.loads((tmp_path / f"{name}.json").read_text())
+        manifest["features"]["encoder"] = {"family": "python", "name": "enc", "sha256": sha}
+        (tmp_path / f"{name}.json").write_text(json.dumps(manifest))
+    paths = ["--train-data-path", str(tmp_path / "train"), "--valid-data-path", str(tmp_path / "val")]
+    err = fails(capsys, argv + paths)
+    assert f"--valid-data-path {tmp_path / 'val'}" in err and "another encoder" in err
+    args = parse_args(argv + paths + ["--no-arra"], world_size=1)  # no targets read: no conflict
+    assert args.train_data_path == [str(tmp_path / "train")] and args.valid_data_path == [str(tmp_path / "val")]
