@@ -15,8 +15,14 @@ Examples:
     python tools/build_indexed_dataset.py --input imagenet/train --input-kind folder ...
 
     # ... plus precomputed ARRA targets (PREFIX.features.npy) from a local open_clip model
-    python tools/build_indexed_dataset.py ... --encoder open_clip:local-dir:/models/BiomedCLIP \
+    python tools/build_indexed_dataset.py ... --encoder open_clip:local-dir:/models/BiomedCLIP \\
         --encoder-aggregation cls
+
+    # ... or from a timm model's local weights, or your own encoder function (see
+    # arra_megatron/encoders/python_encoder.py for the contract)
+    python tools/build_indexed_dataset.py ... --encoder timm:vit_small_patch16_224:/models/vit_s16.safetensors
+    PYTHONPATH=examples/study python tools/build_indexed_dataset.py ... \\
+        --encoder python:arra_study_nets:efficientnet_lite0 --encoder-aggregation avgpool
 
 Rerunning the same command after a crash resumes: finished parts are kept.
 Exit status: 0 built, 1 --strict and inputs were skipped, 2 bad flags or inputs.
@@ -30,6 +36,7 @@ import sys
 from typing import List, Optional
 
 from arra_megatron.data.builder import BuildConfig, StrictModeError, build_dataset
+from arra_megatron.encoders import AGGREGATION_HELP, AGGREGATIONS, SPEC_HELP
 
 logger = logging.getLogger("build_indexed_dataset")
 
@@ -66,10 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished dataset at --output-prefix and discard unfinished parts")
     p.add_argument("--encoder", help="also write precomputed ARRA targets f_GF to PREFIX.features.npy with this "
-                                     "frozen encoder: open_clip:local-dir:/path (CLIP, BiomedCLIP) or sam:/path "
-                                     "(SAM, MedSAM); the same images and preprocessing training uses online")
-    p.add_argument("--encoder-aggregation", default="cls", choices=["cls", "avgpool", "concat"],
-                   help="how f_GF is pooled from the encoder's tokens (ARRA_METHOD.md; SAM: avgpool only)")
+                                     f"frozen encoder: {SPEC_HELP}; the same images and preprocessing training "
+                                     "uses online")
+    p.add_argument("--encoder-aggregation", default="cls", choices=AGGREGATIONS, help=AGGREGATION_HELP)
     p.add_argument("--encoder-batch-size", type=int, default=64, help="images per target-encoder batch")
     p.add_argument("--tokenizer-profile", metavar="PROFILE.json",
                    help="use a model's own vocabulary layout instead of appending image codes and special "

@@ -5,6 +5,8 @@ Every network comes from a local file (nothing is downloaded):
   --inception-weights  torch-fidelity's InceptionV3 (weights-inception-2015-12-05-6726825d.pth), for IS and
                        the default FID features
   --fid-feature-net    inception | torchvision:ARCH:/path/state_dict.pth | xrv:/path/densenet.pt (chest X-rays)
+                       | timm:ARCH:/path/weights.safetensors | python:MODULE:FUNCTION (a target encoder
+                       spec as --encoder takes it; its own preprocessing, its pooled feature)
   --clip-model         an open_clip local-dir (open_clip_config.json + weights): CLIP, BiomedCLIP
 
 Prompts for CLIP-Score: GENERATED/samples.jsonl (or --prompts), one line per image:
@@ -23,6 +25,10 @@ Examples:
     python tools/evaluate.py --generated samples/ --ref mimic_test_xrv.npz \\
         --fid-feature-net xrv:/models/xrv-densenet121-all.pt --clip-model /models/BiomedCLIP \\
         --metrics fid clip-score ms-ssim
+
+    # FID in the features of your own network (a function in a module on PYTHONPATH)
+    PYTHONPATH=examples/study python tools/evaluate.py --generated samples/ --ref real/ --metrics fid \\
+        --fid-feature-net python:arra_study_nets:mobilenetv2_imagenet
 
 Unreadable or empty image files are skipped and counted in the report. Exit status: 0 done,
 2 bad flags or inputs (missing weights, empty folder, malformed prompts file, ...).
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-features", default="2048", choices=["64", "192", "768", "2048"],
                    help="Inception pool used for FID (2048 is the standard)")
     p.add_argument("--fid-feature-net", default="inception",
-                   help="inception | torchvision:ARCH:/path/weights.pth | xrv:/path/weights.pt")
+                   help="inception | torchvision:ARCH:/path/weights.pth | xrv:/path/weights.pt | "
+                        "timm:ARCH:/path/weights.safetensors | python:MODULE:FUNCTION (asked for aggregation cls)")
     p.add_argument("--clip-model", help="open_clip local-dir for CLIP-Score (CLIP, BiomedCLIP)")
     p.add_argument("--prompts", help="JSONL of {file, prompt} (default GENERATED/samples.jsonl)")
     p.add_argument("--ms-ssim-pairs", type=int, default=1000, help="random pairs of generated images for MS-SSIM")

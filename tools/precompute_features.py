@@ -15,6 +15,10 @@ Examples:
     python tools/precompute_features.py --data-prefix data/mimic --encoder sam:/models/medsam-vit-base \\
         --encoder-aggregation avgpool --device cuda --overwrite
 
+    # your own encoder: a function in a module on PYTHONPATH (arra_megatron/encoders/python_encoder.py)
+    PYTHONPATH=examples/study python tools/precompute_features.py --data-prefix data/laion \\
+        --encoder python:arra_study_nets:efficientnet_lite0 --encoder-aggregation avgpool --overwrite
+
 Interrupted runs resume: rerun the same command (same encoder and --encoder-batch-size).
 Exit status: 0 written, 2 bad flags or inputs.
 """
@@ -30,6 +34,7 @@ from typing import List, Optional
 import torch
 
 from arra_megatron.data.builder import add_features
+from arra_megatron.encoders import AGGREGATION_HELP, AGGREGATIONS, SPEC_HELP
 
 logger = logging.getLogger("precompute_features")
 
@@ -37,11 +42,8 @@ logger = logging.getLogger("precompute_features")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-prefix", required=True, help="dataset prefix (PREFIX.json, PREFIX.images.npy, ...)")
-    p.add_argument("--encoder", required=True,
-                   help="frozen target encoder: open_clip:local-dir:/path (CLIP, BiomedCLIP) or "
-                        "sam:/path (SAM, MedSAM)")
-    p.add_argument("--encoder-aggregation", default="cls", choices=["cls", "avgpool", "concat"],
-                   help="how f_GF is pooled from the encoder's tokens (SAM: avgpool only)")
+    p.add_argument("--encoder", required=True, help=f"frozen target encoder: {SPEC_HELP}")
+    p.add_argument("--encoder-aggregation", default="cls", choices=AGGREGATIONS, help=AGGREGATION_HELP)
     p.add_argument("--encoder-batch-size", type=int, default=64, help="images per encoder batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the encoder (and DALI decoding) runs; auto picks CUDA when visible")

@@ -154,7 +154,8 @@ class TargetFeaturizer:
     @classmethod
     def load(cls, spec: str, aggregation: str, batch_size: int, device: str = "cpu",
              num_threads: int = 1) -> "TargetFeaturizer":
-        """``spec`` as ``--encoder`` takes it (``open_clip:local-dir:/path``, ``sam:/path``)."""
+        """``spec`` as ``--encoder`` takes it (``open_clip:local-dir:/path``, ``sam:/path``,
+        ``timm:ARCH:/path/weights``, ``python:MODULE:FUNCTION``; ``encoders.load_encoder``)."""
         try:
             encoder = load_encoder(spec, aggregation, device=device)
         except (ValueError, FileNotFoundError) as error:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -42,16 +43,23 @@ class TargetEncoder(abc.ABC):
             raise ValueError(f"aggregation {aggregation!r} unknown; use one of {AGGREGATIONS} (--arra-target-aggregation)")
         if aggregation not in self.supported:
             raise ValueError(self._unsupported_message(aggregation))
-        self.device = torch.device(device)
-        if bf16 and self.device.type != "cuda":
-            raise ValueError(f"bf16 autocast for the target encoder needs a CUDA device, got {self.device}; "
+        device = torch.device(device)
+        if bf16 and device.type != "cuda":
+            raise ValueError(f"bf16 autocast for the target encoder needs a CUDA device, got {device}; "
                              "run it in fp32 on CPU (bf16=False)")
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        self._device = device
+        self.model = model.to(device).eval().requires_grad_(False)
         self.path = str(Path(path).resolve())
         self.aggregation = aggregation
         self.spec = spec
         self.bf16 = bf16
         self.content_hash = content_hash
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: follows ``model.to(...)`` (a FID ``FeatureNet`` moves its encoder)."""
+        tensor = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return self._device if tensor is None else tensor.device
 
     def _unsupported_message(self, aggregation: str) -> str:
         return f"{self.family} encoder does not support aggregation {aggregation!r}; use one of {self.supported}"
@@ -81,6 +89,16 @@ class TargetEncoder(abc.ABC):
         with autocast:
             features = self._features(images)
         return features.float()
+
+    def probe_dim(self) -> int:
+        """D from one forward of a zero batch, checking the [N, D] floating-point contract: run at load
+        time so that an encoder with the wrong output fails before any work."""
+        s = self.spec.image_size
+        features = self.encode(torch.zeros(2, 3, s, s))
+        if features.dim() != 2 or features.shape[0] != 2:
+            raise ValueError(f"{self.family} encoder {self.path}: features for 2 images must be [2, D], "
+                             f"got {tuple(features.shape)}")
+        return int(features.shape[1])
 
     @property
     def identity(self) -> Dict[str, Any]:

@@ -18,6 +18,12 @@
   or its ``state_dict``; features are ``DenseNet.features2`` (1024-d). The image is
   turned into torchxrayvision's input: channel mean, scaled to [-1024, 1024]
   (``xrv.utils.normalize(img, 255)``), centre square, resized to 224.
+- ``timm:ARCH:PATH`` / ``python:MODULE:FUNCTION``: a target encoder (``load_encoder``, the
+  same spec as ``--encoder``), its own preprocessing applied to the uint8 tensors
+  (``preprocess_tensor``). The features are its pooled output: for timm the model's own
+  pooled feature (the class token where timm pools ``token``, as ViTs do, else the
+  ``avgpool`` mean: CNNs); a ``python:`` function is asked for aggregation ``cls``, which
+  by the contract is its global image feature.
 
 Every net takes uint8 [N, 3, H, W] and returns ``{"features": [N, D]}`` (plus
 ``"logits"`` for Inception when asked). ``identity`` is what a statistics file records.
@@ -33,6 +39,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from arra_megatron.encoders.preprocess import PreprocessSpec, preprocess_tensor
 from arra_megatron.tokenization.profile import content_sha256
 
 logger = logging.getLogger(__name__)
@@ -141,14 +148,11 @@ class TorchvisionFeatures(FeatureNet):
         else:
             raise ValueError(f"--fid-feature-net torchvision:{arch}: no fc/classifier/heads to take features before")
         self.model = model.eval().requires_grad_(False)
-        self.resize = resize
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
+        self.spec = PreprocessSpec(library="python", image_size=resize, resize_mode="squash", resize_rounding="floor",
+                                   window="center", interpolation="bilinear", mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x = F.interpolate(images.float() / 255, size=(self.resize, self.resize), mode="bilinear",
-                          antialias=True, align_corners=False)
-        return {"features": self.model((x - self.mean) / self.std).flatten(1).float()}
+        return {"features": self.model(preprocess_tensor(self.spec, images)).flatten(1).float()}
 
 
 class XRVFeatures(FeatureNet):
@@ -189,6 +193,26 @@ class XRVFeatures(FeatureNet):
         return {"features": self.model.features2(x).float()}
 
 
+class EncoderFeatures(FeatureNet):
+    """A target encoder (``timm:`` / ``python:`` spec) as the FID network."""
+
+    def __init__(self, spec: str, aggregation: Optional[str]) -> None:
+        from arra_megatron.encoders import load_encoder
+
+        try:
+            encoder = load_encoder(spec, aggregation)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--fid-feature-net {spec}: {error}") from error
+        label = encoder.arch if encoder.family == "timm" else encoder.name
+        super().__init__(f"{encoder.family}:{label} ({encoder.aggregation})", Path(encoder.path))
+        self._sha256 = encoder.content_hash  # python: the module source and its weights files
+        self.encoder = encoder
+        self.model = encoder.model  # registered: .to(device) moves it, and encoder.device follows
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"features": self.encoder.encode(preprocess_tensor(self.encoder.spec, images))}
+
+
 def load_feature_net(spec: str, inception_weights: Optional[str] = None, feature_layer: str = "2048",
                      logits: bool = False) -> FeatureNet:
     """Build the FID feature network named by ``--fid-feature-net`` (see the module doc)."""
@@ -203,5 +227,7 @@ def load_feature_net(spec: str, inception_weights: Optional[str] = None, feature
             return TorchvisionFeatures(arch, path)
     if kind == "xrv" and rest:
         return XRVFeatures(rest)
-    raise ValueError(f"--fid-feature-net {spec!r}: use 'inception', 'torchvision:ARCH:/path/weights.pth' "
-                     "or 'xrv:/path/weights.pt'")
+    if kind in ("timm", "python"):
+        return EncoderFeatures(spec, "cls" if kind == "python" else None)
+    raise ValueError(f"--fid-feature-net {spec!r}: use 'inception', 'torchvision:ARCH:/path/weights.pth', "
+                     "'xrv:/path/weights.pt', 'timm:ARCH:/path/weights.safetensors' or 'python:MODULE:FUNCTION'")

@@ -23,7 +23,10 @@ from arra_megatron.encoders import load_encoder
 class OnlineTargets:
     def __init__(self, encoder_spec: str, aggregation: str, micro_batch_size: int, bf16: bool = True):
         device = torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.encoder = load_encoder(encoder_spec, aggregation, device=device, bf16=bf16 and device.type == "cuda")
+        try:
+            self.encoder = load_encoder(encoder_spec, aggregation, device=device, bf16=bf16 and device.type == "cuda")
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--arra-encoder {encoder_spec} / --arra-aggregation {aggregation}: {error}") from error
         self.preprocess = make_image_preprocessor(self.encoder.spec, max_batch_size=micro_batch_size)
         self.dim = self.encoder.dim
         self.failures = 0

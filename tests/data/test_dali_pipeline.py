@@ -32,6 +32,9 @@ EXTRA_SPECS = {
                                         CLIP_STD, fill_color=0),
     "open_clip_squash_bilinear": PreprocessSpec("open_clip", 48, "squash", "floor", "center", "bilinear", CLIP_MEAN,
                                                 CLIP_STD),
+    # timm (create_transform at crop_pct 1.0) and a python: encoder's top-left spec (SAM's processor)
+    "timm": PreprocessSpec("timm", 64, "shortest", "floor", "center", "bilinear", (0.5,) * 3, (0.5,) * 3),
+    "python_top_left": PreprocessSpec("python", 48, "longest", "half_up", "top_left", "bicubic", CLIP_MEAN, CLIP_STD),
 }
 
 
@@ -53,7 +56,8 @@ def _bad_images():
     ]
 
 
-@pytest.mark.parametrize("name", ["open_clip_shortest", "open_clip_longest", "open_clip_squash_bilinear", "sam"])
+@pytest.mark.parametrize("name", ["open_clip_shortest", "open_clip_longest", "open_clip_squash_bilinear", "sam", "timm",
+                                  "python_top_left"])
 def test_dali_matches_library_transform(specs, name):
     spec = specs[name]
     zoo = image_zoo()
