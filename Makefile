@@ -10,7 +10,7 @@ EXTRAS ?= dev
 PYTHON312 ?= $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do \
 	if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then command -v $$c; break; fi; done)
 
-.PHONY: test demo venv clean-venv
+.PHONY: test demo study venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ test: venv
 # with TP2, checkpoint at half way, resume, show the losses. DEMO_FLAGS="--layout pp2" for PP2.
 demo: venv
 	ARRA_CPU_MODE=$${ARRA_CPU_MODE:-1} $(PY) examples/demo/run_demo.py $(DEMO_FLAGS)
+
+# Does ARRA make images better? Fashion-MNIST (Debian's dataset-fashion-mnist), a pretrained
+# EfficientNet-Lite0 as the alignment encoder, baseline / ARRA / shuffled-target control over seeds,
+# FID under two other networks -> study_out/report.md. STUDY_FLAGS="--quick" for a few-minute run.
+study: venv
+	@[ -d /usr/share/datasets/fashion-mnist ] || [[ "$(STUDY_FLAGS)" == *--data* ]] || { \
+		echo "error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist (or STUDY_FLAGS='--data DIR')"; exit 1; }
+	$(PY) tools/study.py --out $${STUDY_OUT:-study_out} $(STUDY_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

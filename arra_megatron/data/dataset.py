@@ -77,8 +77,9 @@ class ARRADatasetConfig(BlendedMegatronDatasetConfig):
         super().__post_init__()
         if self.profile is None:
             raise ValueError("ARRADatasetConfig needs the datasets' tokenizer profile")
-        if not 0.0 <= self.condition_dropout_prob < 1.0:
-            raise ValueError(f"--condition-dropout-prob must be in [0, 1); got {self.condition_dropout_prob}")
+        if not 0.0 <= self.condition_dropout_prob <= 1.0:
+            raise ValueError(f"--condition-dropout-prob must be in [0, 1] (1: unconditional); got "
+                             f"{self.condition_dropout_prob}")
 
 
 class ARRADataset(MegatronDataset):

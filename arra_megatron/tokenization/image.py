@@ -82,6 +82,14 @@ def resize_center_crop(image: Image.Image, size: int, resample: Image.Resampling
     return image.crop((left, top, left + size, top + size))
 
 
+def preprocess_image(image: Image.Image, size: int, kind: str = "JanusVQVAE") -> torch.Tensor:
+    """PIL image -> [3, size, size] float32 in [-1, 1] as ``kind``'s reference preprocessing does
+    (``ImageTokenizer.preprocess`` without a model, e.g. for training a VQ model)."""
+    image = resize_center_crop(to_rgb(image), size, _RESAMPLE[kind])
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 @torch.no_grad()
 def llamagen_nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """LlamaGen's VQ-16 lookup: nearest l2-normalised codebook row to each l2-normalised latent.
@@ -145,9 +153,7 @@ class ImageTokenizer:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> [3, S, S] float32 in [-1, 1], S = image_size."""
-        image = resize_center_crop(to_rgb(image), self.image_size, _RESAMPLE[self.kind])
-        array = np.asarray(image, dtype=np.uint8).astype(np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return preprocess_image(image, self.image_size, self.kind)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

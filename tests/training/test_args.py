@@ -268,3 +268,9 @@ def test_held_out_targets_from_another_encoder(capsys, tmp_path):
     assert f"--valid-data-path {tmp_path / 'val'}" in err and "another encoder" in err
     args = parse_args(argv + paths + ["--no-arra"], world_size=1)  # no targets read: no conflict
     assert args.train_data_path == [str(tmp_path / "train")] and args.valid_data_path == [str(tmp_path / "val")]
+
+
+def test_condition_dropout_probability_range(capsys):
+    assert parse_args(BASE + ["--condition-dropout-prob", "1"], world_size=1).condition_dropout_prob == 1.0
+    err = fails(capsys, BASE + ["--condition-dropout-prob", "1.5"])
+    assert "--condition-dropout-prob" in err
