@@ -197,7 +197,6 @@ class VQOutput:
 def vq_forward(model, pixels: torch.Tensor, beta: float = 0.25) -> VQOutput:
     """Encode, quantise (LlamaGen VQ-16, the builder's lookup), decode; see the module docstring."""
     latents = model.quant_conv(model.encoder(pixels))                         # [B, C, h, w]
-    batch, channels, height, width = latents.shape
     codes = llamagen_nearest_codes(latents, model.quantize.embedding.weight)  # [B, h*w]
     z = F.normalize(latents.permute(0, 2, 3, 1), p=2, dim=-1)                 # [B, h, w, C]
     z_q = F.normalize(model.quantize.embedding.weight, p=2, dim=-1)[codes].view(z.shape)
@@ -205,7 +204,7 @@ def vq_forward(model, pixels: torch.Tensor, beta: float = 0.25) -> VQOutput:
     commitment_loss = beta * torch.mean((z_q.detach() - z) ** 2)
     z_q = z + (z_q - z).detach()                                               # straight-through
     reconstruction = model.decoder(model.post_quant_conv(z_q.permute(0, 3, 1, 2).contiguous()))
-    return VQOutput(reconstruction, codes, codebook_loss, commitment_loss, z.detach().reshape(-1, channels))
+    return VQOutput(reconstruction, codes, codebook_loss, commitment_loss, z.detach().reshape(-1, latents.shape[1]))
 
 
 def restart_dead_codes(model, optimizer: torch.optim.Optimizer, counts: torch.Tensor, latents: torch.Tensor,
