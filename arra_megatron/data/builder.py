@@ -49,10 +49,10 @@ from tqdm import tqdm
 
 from arra_megatron.data.dali_pipeline import make_image_preprocessor
 from arra_megatron.data.image_refs import IMAGE_REF_DTYPE, ImageRefTable, read_image_bytes
-from arra_megatron.data.readers import SKIP_REASONS, InputSource, check_sample, open_source
+from arra_megatron.data.readers import SKIP_REASONS, InputSource, decode_sample, open_source
 from arra_megatron.encoders import TargetEncoder, load_encoder
 from arra_megatron.fileio import write_json_atomic
-from arra_megatron.tokenization.image import ImageDecodeError, ImageTokenizer, load_rgb
+from arra_megatron.tokenization.image import ImageTokenizer
 from arra_megatron.tokenization.profile import TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
 
@@ -232,13 +232,7 @@ def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable
 
     for sample in worker.source.read(part.start, part.stop):
         unreported += 1
-        reason, caption = check_sample(sample, needs_caption=worker.source.condition == "text")
-        if reason is None:
-            try:
-                image = load_rgb(sample.image)
-            except ImageDecodeError as error:
-                logger.debug("%s: %s", sample.key, error)
-                reason = "image_undecodable"
+        reason, caption, image = decode_sample(sample, needs_caption=worker.source.condition == "text")
         if reason is not None:
             skipped[reason] += 1
             continue

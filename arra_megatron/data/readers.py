@@ -87,6 +87,23 @@ def check_sample(sample: RawSample, needs_caption: bool) -> Tuple[Optional[str],
     return None, caption.strip()
 
 
+def decode_sample(sample: RawSample, needs_caption: bool) -> Tuple[Optional[str], Optional[str], Optional[Any]]:
+    """``check_sample``, then the image fully decoded to RGB: (skip reason or None, caption, PIL image).
+
+    The one place the builder and ``tools/train_vq.py`` turn a raw sample into a usable one; an
+    image PIL cannot decode is the skip reason ``image_undecodable``."""
+    from arra_megatron.tokenization.image import ImageDecodeError, load_rgb
+
+    reason, caption = check_sample(sample, needs_caption)
+    if reason is not None:
+        return reason, None, None
+    try:
+        return None, caption, load_rgb(sample.image)
+    except ImageDecodeError as error:
+        logger.debug("%s: %s", sample.key, error)
+        return "image_undecodable", None, None
+
+
 def _fingerprint(entries: Sequence[Tuple[Any, ...]]) -> str:
     """Hash of (name, size, ...) tuples: a resumed build must see the same inputs."""
     digest = hashlib.sha256()

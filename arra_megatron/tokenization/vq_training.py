@@ -59,9 +59,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from arra_megatron.data.readers import (
-    IMAGE_EXTENSIONS, ImageRef, InputSource, RawSample, _read_file, check_sample, open_source)
+    IMAGE_EXTENSIONS, ImageRef, InputSource, RawSample, _read_file, decode_sample, open_source)
 from arra_megatron.fileio import write_json_atomic
-from arra_megatron.tokenization.image import ImageDecodeError, llamagen_nearest_codes, load_rgb, preprocess_image
+from arra_megatron.tokenization.image import llamagen_nearest_codes, load_rgb, preprocess_image
 
 logger = logging.getLogger(__name__)
 
@@ -292,15 +292,9 @@ def scan_images(source: InputSource, image_size: int, cache_mb: float = 0) -> Im
     cache_limit = int(cache_mb * 2 ** 20) // (3 * image_size * image_size * 4)  # images of float32 pixels
     samples = source.read(0, len(source.units))
     for sample in tqdm(samples, total=len(source.units), desc="scanning images", unit="img", disable=None):
-        reason, _ = check_sample(sample, needs_caption=False)
+        reason, _, image = decode_sample(sample, needs_caption=False)
         if reason is None and sample.ref is None:
             reason = "image_missing"
-        if reason is None:
-            try:
-                image = load_rgb(sample.image)
-            except ImageDecodeError as error:
-                logger.debug("%s: %s", sample.key, error)
-                reason = "image_undecodable"
         if reason is not None:
             skipped[reason] += 1
             continue
