@@ -355,8 +355,8 @@ def build_datasets(args, scale: Scale, out: Path, splits: Dict[str, Path], vq: P
 
 
 def tokens_per_sample(args) -> int:
-    """[BOS] class [BOI] codes [EOI] with 4x down-sampling (train_vq's default depth)."""
-    return 4 + (args.image_size // 4) ** 2
+    """[BOS] class [BOI] codes [EOI] [EOS] with 4x down-sampling (the study's VQ depth)."""
+    return 5 + (args.image_size // 4) ** 2
 
 
 def shuffled_control(prefix: str, seed: int = 0) -> str:
@@ -548,22 +548,21 @@ def write_floor_images(train: Path, dirs: Dict[str, Path], vq: Path, image_size:
         mark(d)
 
 
-def feature_baselines(prefixes: Dict[str, str]) -> Dict[str, float]:
+def feature_baselines(prefixes: Dict[str, str], splits: Dict[str, Path]) -> Dict[str, float]:
     """The gva cos that no image-specific knowledge needs: predicting the train set's mean f_GF,
     or its class's mean f_GF, for every validation image (cosine averaged over images)."""
     from arra_megatron.data.dataset import read_manifest
-    from arra_megatron.tokenization.profile import TokenizerProfile
 
-    def load(prefix):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        profile = TokenizerProfile.from_dict(read_manifest(prefix)["tokenizer_profile"])
-        docs = IndexedDataset(prefix, mmap=True)
-        classes = np.asarray([int(docs[i][1]) - profile.class_token_offset for i in range(len(docs))])
+    def load(prefix, folder):
+        # The builder reads a class-folder tree in (class, file) order: row i is the i-th file.
+        manifest = read_manifest(prefix)
+        _, classes, _ = _read_folder(folder)
+        if manifest["counts"]["skipped"] or manifest["num_samples"] != len(classes):
+            raise ValueError(f"{prefix}: {manifest['counts']['skipped']} inputs skipped; cannot pair rows with classes")
         return np.load(f"{prefix}.features.npy").astype(np.float64), classes
 
-    train, train_cls = load(prefixes["train"])
-    val, val_cls = load(prefixes["val"])
+    train, train_cls = load(prefixes["train"], splits["train"])
+    val, val_cls = load(prefixes["val"], splits["val"])
 
     def cos(a, b):
         return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
@@ -730,7 +729,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 nets[net.rsplit(":", 1)[-1]] = net
         prefixes = build_datasets(args, scale, out, splits, vq)
         refs, floors = references(args, scale, out, splits, nets, vq)
-        baselines = feature_baselines(prefixes)
+        baselines = feature_baselines(prefixes, splits)
         manifest = json.loads(Path(prefixes["train"] + ".json").read_text())
         feature_dim = int(manifest["features"]["shape"][1])
         num_classes = int(manifest["tokenizer_profile"]["num_classes"])

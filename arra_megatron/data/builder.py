@@ -53,7 +53,7 @@ from arra_megatron.data.readers import SKIP_REASONS, InputSource, decode_sample,
 from arra_megatron.encoders import TargetEncoder, load_encoder
 from arra_megatron.fileio import write_json_atomic
 from arra_megatron.tokenization.image import ImageTokenizer
-from arra_megatron.tokenization.profile import TokenizerProfile
+from arra_megatron.tokenization.profile import NUM_FRAME_TOKENS, TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -465,7 +465,11 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
         profile = _given_profile(config.tokenizer_profile, image, text, source)
     else:
         profile = _new_profile(image, text, source, config)
-    profile.condition_budget(config.max_seq_length)  # fail now, not in a worker
+    if profile.condition_budget(config.max_seq_length) < 1:  # fail now, not in a worker
+        need = config.max_seq_length + 1 - profile.condition_budget(config.max_seq_length)
+        raise ValueError(f"--max-seq-length {config.max_seq_length} leaves no room for the condition (a class token "
+                         f"or caption) beside {profile.tokens_per_image} image tokens and {NUM_FRAME_TOKENS} special "
+                         f"tokens: every sample would lose it; use at least {need}")
     features = _make_featurizer(config, "cpu")
     dtype = DType.optimal_dtype(profile.vocab_size)
     default_parts = len(source.units) if source.kind == "tar" else math.ceil(len(source.units) / UNITS_PER_PART)

@@ -163,6 +163,18 @@ def test_max_seq_length_too_small_names_the_flag(tmp_path, tar_inputs, sp_model,
         build_dataset(config)
 
 
+def test_max_seq_length_without_room_for_the_condition(tmp_path, tar_inputs, sp_model, janus_vq_dir):
+    """Image and frame tokens fit but the condition would be cut from every sample: refused, not
+    silently built as an unconditional dataset."""
+    exact = TOKENS_PER_IMAGE + 4
+    config = BuildConfig(input=tar_inputs.input, output_prefix=str(tmp_path / "x"), image_tokenizer=str(
+        janus_vq_dir), text_tokenizer=str(sp_model), image_size=IMAGE_SIZE, max_seq_length=exact)
+    with pytest.raises(ValueError, match=f"--max-seq-length {exact} leaves no room for the condition.*at least "
+                                         f"{exact + 1}"):
+        build_dataset(config)
+    assert not list(tmp_path.iterdir())
+
+
 def _table_inputs(root: Path, kind: str):
     """MIMIC-style rows: view + impression columns, one missing image, one empty and one non-UTF-8 impression."""
     (root / "images").mkdir(parents=True)

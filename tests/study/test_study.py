@@ -96,6 +96,13 @@ def test_quick_study_end_to_end(tmp_path):
                .read_text().splitlines()]
     assert len(uncond) == 100 and all(r["unconditional"] for r in uncond)
     assert sorted({r["class_id"] for r in limited}) == list(range(10))
+    # Class-conditional documents carry their class token: [BOS] class [BOI] ...
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    profile = json.loads((out / "data" / "limited.json").read_text())["tokenizer_profile"]
+    docs = IndexedDataset(str(out / "data" / "limited"), mmap=True)
+    classes = [int(docs[i][1]) - profile["class_token_offset"] for i in range(len(docs))]
+    assert sorted(set(classes)) == list(range(10))
     # The limited arm trained on its own subset, the control on shuffled targets.
     marker = json.loads((out / "runs" / "limited-shuffled-s0" / "trained" / ".done").read_text())
     assert marker["train_data"].endswith("data/limited-shuffled")
@@ -106,3 +113,23 @@ def test_quick_study_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "] + " not in again.stderr  # no tool was launched
     assert {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_sequence_length_holds_the_class_token():
+    """The study's --max-seq-length keeps the class condition: the profile's own layout of a
+    class-conditional sample fits it with nothing cut (a length one short silently trained the
+    'class-conditional' arm without its class token before the builder refused such lengths)."""
+    import argparse
+
+    from arra_megatron.tokenization.profile import ModelIdentity, TokenizerProfile
+
+    study = _study()
+    args = argparse.Namespace(image_size=28)
+    grid = 28 // 4
+    profile = TokenizerProfile.create(text_vocab_size=0, text_special_ids={}, num_classes=10,
+                                      image_codebook_size=512, image_size=28, tokens_per_image=grid * grid,
+                                      image_preprocessing={}, vq_model=ModelIdentity("JanusVQVAE", "/nowhere", "0" * 64))
+    tokens, dropped = profile.build_sequence([profile.class_token(3)], np.zeros(grid * grid, dtype=np.int64),
+                                             study.tokens_per_sample(args))
+    assert dropped == 0 and profile.class_token(3) in tokens.tolist()
+    assert len(tokens) == study.tokens_per_sample(args)
