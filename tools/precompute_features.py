@@ -31,10 +31,10 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
 
 from arra_megatron.data.builder import add_features
 from arra_megatron.encoders import AGGREGATION_HELP, AGGREGATIONS, SPEC_HELP
+from arra_megatron.runtime.capabilities import resolve_device
 
 logger = logging.getLogger("precompute_features")
 
@@ -59,11 +59,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for flag in ("encoder_batch_size", "num_threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is visible")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         add_features(args.data_prefix, args.encoder, args.encoder_aggregation, args.encoder_batch_size,
                      device=device, num_threads=args.num_threads, overwrite=args.overwrite)

@@ -14,7 +14,7 @@ Pipeline (every step through the project's real tools; a rerun skips finished st
    is an ImageNet network (--fid-nets); neither is the alignment encoder.
 4. tools/build_indexed_dataset.py with --encoder: token datasets with precomputed f_GF;
    a shuffled-target control dataset: every sample paired with another sample's feature row.
-5. examples/pretrain_arra.py per arm and seed: baseline (lambda 0), ARRA, shuffled control,
+5. examples/pretrain_arra.py per arm and seed: baseline (--no-arra), ARRA, shuffled control,
    identical data order and steps (same --seed), validation NLL logged on the held-out split.
 6. tools/generate.py (CFG where there is a condition) and tools/evaluate.py: FID of the samples
    against the test split under each feature network, at several points of training.
@@ -179,24 +179,32 @@ def done(path: Path) -> bool:
 
 
 def mark(path: Path, info: Optional[dict] = None) -> None:
+    global MARKS
     path.mkdir(parents=True, exist_ok=True)
     (path / ".done").write_text(json.dumps(info or {}, indent=1))
+    MARKS += 1
 
 
 def stage(name: str):
-    """Log a stage with its wall time; the times go into the report."""
+    """Log a stage; when it did work (finished something, see ``mark``), store its wall time in
+    OUT/stage_times.json, so the report gives each stage's time from the invocation that ran it,
+    not the near-zero time of a rerun that found it done."""
     def wrap(fn):
         def inner(*a, **k):
-            started = time.perf_counter()
+            started, marks = time.perf_counter(), MARKS
             logger.info("=== %s", name)
             result = fn(*a, **k)
-            TIMES[name] = TIMES.get(name, 0.0) + time.perf_counter() - started
+            if MARKS > marks and TIMES_FILE is not None:
+                times = json.loads(TIMES_FILE.read_text()) if TIMES_FILE.is_file() else {}
+                times[name] = time.perf_counter() - started
+                TIMES_FILE.write_text(json.dumps(times, indent=1))
             return result
         return inner
     return wrap
 
 
-TIMES: Dict[str, float] = {}
+MARKS = 0                            # stages finished by this invocation (mark() calls)
+TIMES_FILE: Optional[Path] = None    # OUT/stage_times.json, set by main()
 
 
 # ----------------------------------------------------------------------------------- 1. images
@@ -402,7 +410,7 @@ class RunSpec:
         return f"{self.arm}-{self.variant}-s{self.seed}"
 
 
-def model_config(args, out: Path, vocab: int) -> Path:
+def model_config(args, out: Path) -> Path:
     """The study's decoder as a trainer YAML (examples/configs style)."""
     import yaml
 
@@ -438,8 +446,12 @@ def train_run(spec: RunSpec, args, scale: Scale, out: Path, prefixes: Dict[str, 
            "examples/pretrain_arra.py", "--config", config, "--train-data-path", train, "--valid-data-path",
            prefixes["val"], "--seed", 1000 + spec.seed, "--train-iters", iters,
            "--lr-warmup-iters", max(1, iters // 20), "--eval-interval", scale.eval_interval,
-           "--eval-iters", eval_iters, "--arra-target-dim", feature_dim,
-           "--arra-weight", 0.0 if spec.variant == "baseline" else args.arra_weight,
+           "--eval-iters", eval_iters,
+           # The baseline is the plain GPT objective: no projector at all (a lambda-0 projector would
+           # still cost its forward and backward). The projector draws from its own generator, so the
+           # decoder's initialisation and data order are those of the ARRA runs with the same seed.
+           *(["--no-arra"] if spec.variant == "baseline" else
+             ["--arra-target-dim", feature_dim, "--arra-weight", args.arra_weight]),
            "--condition-dropout-prob", 1.0 if spec.arm == "uncond" else args.condition_dropout_prob,
            "--save", run_dir / "ckpt", "--save-interval", save_every, "--log-json", run_dir / "log.jsonl"]
     if args.device == "cuda":
@@ -662,7 +674,10 @@ def write_report(args, scale: Scale, out: Path, specs: List[RunSpec], results: D
             cells.append(f"![{spec.name}](runs/{spec.name}/samples_{iters:07d}/grid.png)")
         lines.append(" | ".join(cells))
         lines.append("")
-    lines += ["## Wall times", ""] + [f"- {k}: {v / 60:.1f} min" for k, v in TIMES.items()]
+    times = json.loads(TIMES_FILE.read_text()) if TIMES_FILE is not None and TIMES_FILE.is_file() else {}
+    lines += ["## Wall times", "", "Each stage's wall time in the invocation that last did its work "
+              f"({os.cpu_count()} CPUs here; sampling and FID share the jobs of the training runs)."]
+    lines += [f"- {k}: {v / 60:.1f} min" for k, v in times.items()]
     lines.append(f"- training runs: {sum(r['seconds'] for r in results.values()) / 60:.1f} min "
                  f"(sum over {len(results)} runs, {args.jobs} at a time)")
     plot(out, arms, variants, seeds, results, nets)
@@ -714,6 +729,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
+    global TIMES_FILE
+    TIMES_FILE = out / "stage_times.json"
     sys.path[:0] = [str(STUDY_DIR), str(out / "nets")]
     started = time.perf_counter()
     try:
@@ -733,7 +750,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         manifest = json.loads(Path(prefixes["train"] + ".json").read_text())
         feature_dim = int(manifest["features"]["shape"][1])
         num_classes = int(manifest["tokenizer_profile"]["num_classes"])
-        config = model_config(args, out, manifest["tokenizer_profile"]["vocab_size"])
+        config = model_config(args, out)
         specs = [RunSpec(arm, variant, seed) for arm in args.arms for seed in range(scale.seeds)
                  for variant in args.variants]
         _runs(specs, args, scale, out, prefixes, config, feature_dim, nets, refs, num_classes)

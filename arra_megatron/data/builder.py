@@ -52,6 +52,7 @@ from arra_megatron.data.image_refs import IMAGE_REF_DTYPE, ImageRefTable, read_i
 from arra_megatron.data.readers import SKIP_REASONS, InputSource, decode_sample, open_source
 from arra_megatron.encoders import TargetEncoder, load_encoder
 from arra_megatron.fileio import write_json_atomic
+from arra_megatron.runtime.capabilities import resolve_device
 from arra_megatron.tokenization.image import ImageTokenizer
 from arra_megatron.tokenization.profile import NUM_FRAME_TOKENS, TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
@@ -299,11 +300,8 @@ def _make_featurizer(config: BuildConfig, device: str) -> Optional[TargetFeaturi
 def _devices(config: BuildConfig) -> List[str]:
     """One device per worker: GPUs round-robin when present (one process per GPU is the intended use), else CPU."""
     workers = max(1, config.workers)
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if not use_cuda:
+    if resolve_device(config.device) == "cpu":
         return ["cpu"] * workers
-    if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is visible")
     return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
 
 

@@ -300,6 +300,19 @@ def _parse_json_line(line: str) -> Optional[Dict[str, Any]]:
     return record if isinstance(record, dict) else None
 
 
+def _input_directory(root: str) -> Path:
+    path = Path(root).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--input {root}: not a directory")
+    return path
+
+
+def _image_files(directory: Path) -> List[str]:
+    """The image files under ``directory`` at any depth, in sorted path order."""
+    return [str(path) for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+
+
 class ClassFolderSource(InputSource):
     """``ROOT/CLASS/IMAGE``: class ids follow the sorted class directory names (torchvision ImageFolder order)."""
 
@@ -307,18 +320,12 @@ class ClassFolderSource(InputSource):
     condition = "class"
 
     def __init__(self, root: str) -> None:
-        self.root = Path(root).absolute()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"--input {root}: not a directory")
+        self.root = _input_directory(root)
         self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not self.class_names:
             raise ValueError(f"--input {root}: no class sub-directories")
-        self.units: List[Tuple[int, str]] = [
-            (class_id, str(path))
-            for class_id, name in enumerate(self.class_names)
-            for path in sorted((self.root / name).rglob("*"))
-            if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-        ]
+        self.units: List[Tuple[int, str]] = [(class_id, path) for class_id, name in enumerate(self.class_names)
+                                             for path in _image_files(self.root / name)]
 
     def describe(self) -> Dict[str, Any]:
         listing = [(os.path.relpath(p, self.root), os.path.getsize(p)) for _, p in self.units]
@@ -329,6 +336,28 @@ class ClassFolderSource(InputSource):
         for class_id, path in self.units[start:stop]:
             image, ref = _read_file(Path(path))
             yield RawSample(key=os.path.relpath(path, self.root), image=image, ref=ref, class_id=class_id)
+
+
+class ImageDirectorySource(InputSource):
+    """Every image file under a directory (any depth), sorted, without a condition: ``--input-kind images`` of
+    tools/train_vq.py (the builder needs a condition per sample)."""
+
+    kind = "images"
+    condition = "none"
+
+    def __init__(self, root: str) -> None:
+        self.root = _input_directory(root)
+        self.units = _image_files(self.root)
+
+    def describe(self) -> Dict[str, Any]:
+        listing = [(os.path.relpath(p, self.root), os.path.getsize(p)) for p in self.units]
+        return {"kind": self.kind, "input": str(self.root), "units": len(self.units),
+                "fingerprint": _fingerprint(listing)}
+
+    def read(self, start: int, stop: int) -> Iterator[RawSample]:
+        for path in self.units[start:stop]:
+            image, ref = _read_file(Path(path))
+            yield RawSample(key=os.path.relpath(path, self.root), image=image, ref=ref)
 
 
 def detect_kind(path: str) -> str:
@@ -353,4 +382,6 @@ def open_source(path: str, kind: str = "auto", image_root: Optional[str] = None,
         return TableSource(path, kind, image_root, image_column, caption_column, prompt_template)
     if kind == "folder":
         return ClassFolderSource(path)
-    raise ValueError(f"--input-kind {kind}: expected auto, tar, csv, jsonl or folder")
+    if kind == "images":
+        return ImageDirectorySource(path)
+    raise ValueError(f"--input-kind {kind}: expected auto, tar, csv, jsonl, folder or images")

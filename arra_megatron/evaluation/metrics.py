@@ -41,6 +41,7 @@ from arra_megatron.evaluation.feature_nets import (INCEPTION_WEIGHTS_REQUIRED, F
                                                    load_feature_net)
 from arra_megatron.evaluation.images import (PROMPTS_FILE, SkipLog, iterate_images, list_images, read_image,
                                              read_prompts, stack_by_shape, to_uint8)
+from arra_megatron.runtime.capabilities import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +239,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} but no CUDA device is visible")
+        self.device = resolve_device(self.device)
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"--metrics {' '.join(unknown)}: unknown; choose from {' '.join(METRICS)}")

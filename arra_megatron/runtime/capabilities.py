@@ -29,6 +29,16 @@ def has_gpu() -> bool:
         return False
 
 
+def resolve_device(name: str, flag: str = "--device") -> str:
+    """A ``--device`` value made concrete: ``auto`` is CUDA when a GPU is usable, else CPU;
+    ``cuda``/``cuda:N`` without a usable GPU is refused with the flag named."""
+    if name == "auto":
+        return "cuda" if has_gpu() else "cpu"
+    if name.startswith("cuda") and not has_gpu():
+        raise ValueError(f"{flag} {name} but no CUDA device is visible")
+    return name
+
+
 def _importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -59,8 +59,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from arra_megatron.data.readers import (
-    IMAGE_EXTENSIONS, ImageRef, InputSource, RawSample, _read_file, decode_sample, open_source)
+    ImageRef, InputSource, decode_sample, open_source)
 from arra_megatron.fileio import write_json_atomic
+from arra_megatron.runtime.capabilities import resolve_device
 from arra_megatron.tokenization.image import llamagen_nearest_codes, load_rgb, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -226,36 +227,12 @@ def restart_dead_codes(model, optimizer: torch.optim.Optimizer, counts: torch.Te
 # ----------------------------------------------------------------------------- data
 
 
-class ImageDirectorySource(InputSource):
-    """Every image file under a directory (any depth), sorted; for a plain directory without class folders."""
-
-    kind = "images"
-    condition = "none"
-
-    def __init__(self, root: str) -> None:
-        self.root = Path(root).absolute()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"--input {root}: not a directory")
-        self.units = sorted(str(p) for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-
-    def describe(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "input": str(self.root), "units": len(self.units)}
-
-    def read(self, start: int, stop: int) -> Iterator[RawSample]:
-        for path in self.units[start:stop]:
-            image, ref = _read_file(Path(path))
-            yield RawSample(key=os.path.relpath(path, self.root), image=image, ref=ref)
-
-
 def open_images(config: VQTrainConfig) -> InputSource:
     """The reader of ``--input``: the builder's (tar, csv, jsonl, class folders) or a plain image directory."""
     path = Path(config.input)
     kind = config.input_kind
     if kind == "auto" and path.is_dir() and not any(path.glob("*.tar")):
         kind = "folder" if any(p.is_dir() for p in path.iterdir()) else "images"
-    if kind == "images":
-        return ImageDirectorySource(config.input)
     if kind == "auto" and not path.exists() and "{" not in config.input:
         raise FileNotFoundError(f"--input {config.input}: no such file or directory")
     return open_source(config.input, kind, image_root=config.image_root, image_column=config.image_column)
@@ -413,14 +390,6 @@ def evaluate(model, dataset: torch.utils.data.Dataset, indices: Sequence[int], b
 # ----------------------------------------------------------------------------- training
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    return torch.device(name)
-
-
 class VQTrainer:
     """Model, Adam, the restart generator and the code counts of one run; ``state_dict`` is all a resume needs."""
 
@@ -532,7 +501,7 @@ def _check_resume(state: Dict[str, Any], settings: Dict[str, Any], fingerprint: 
 def train_vq(config: VQTrainConfig) -> Dict[str, Any]:
     """Train (or resume) and write ``config.output``; returns the report (``{"finished": False}`` after --exit-after)."""
     out = _check_output(config)
-    device = _resolve_device(config.device)
+    device = torch.device(resolve_device(config.device))
     images = scan_images(open_images(config), config.image_size, config.cache_mb)
     if not images.refs:
         raise ValueError(f"--input {config.input}: no usable images (skipped: {images.skipped or 'none found'})")

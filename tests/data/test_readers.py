@@ -63,3 +63,18 @@ def test_csv_template_columns_are_checked_up_front(tmp_path):
     with pytest.raises(ValueError, match="impression.*--prompt-template"):
         open_source(str(tmp_path / "t.csv"), prompt_template="{view} view chest X-ray image, {impression}",
                     image_column="path")
+
+
+def test_image_directory_source_lists_images_at_any_depth_without_a_condition(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "z.png").write_bytes(b"Z" * 7)
+    (tmp_path / "a" / "b" / "y.JPG").write_bytes(b"Y" * 5)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    source = open_source(str(tmp_path), "images")
+    assert (source.kind, source.condition) == ("images", "none")
+    samples = list(source.read(0, len(source.units)))
+    assert [s.key for s in samples] == ["a/b/y.JPG", "z.png"]
+    assert [s.image for s in samples] == [b"Y" * 5, b"Z" * 7]
+    assert samples[1].ref.source == str(tmp_path / "z.png") and samples[1].ref.length == 7
+    with pytest.raises(ValueError, match="expected auto, tar, csv, jsonl, folder or images"):
+        open_source(str(tmp_path), "zip")
