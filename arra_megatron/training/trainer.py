@@ -57,6 +57,7 @@ class Trainer:
             backend=layer_backend(args),
             position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            real_vocab_size=self.data.vocab_size,
         )
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(

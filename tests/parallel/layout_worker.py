@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -39,7 +41,8 @@ def _build(layout: dict, arra: ARRAConfig):
         use_distributed_optimizer=layout.get("distopt", False),
         overlap_grad_reduce=layout.get("overlap", False),
     )
-    return build_model(config, arra, tiny.VOCAB_SIZE, SEQ, ddp_config=ddp)
+    padded, real = layout.get("vocab", (tiny.VOCAB_SIZE, None))
+    return build_model(config, arra, padded, SEQ, ddp_config=ddp, real_vocab_size=real)
 
 
 def save_reference(ckpt_dir: str) -> None:
@@ -56,6 +59,30 @@ def save_reference(ckpt_dir: str) -> None:
             if "arra_projector" in name and "bias" in name:
                 param.normal_(0.0, 0.02)
     save_model_weights(bundle.chunks, ckpt_dir)
+
+
+def save_padded_references(ckpt_root: str, real: int, padded: dict) -> None:
+    """The reference weights for a ``real``-id vocabulary at each padded size in ``padded``
+    (name -> rows): the largest built and saved first, the others its leading rows. The rows
+    past ``real`` hold large random values, so an unmasked padding id would change the loss."""
+    sizes = sorted(padded.items(), key=lambda item: -item[1])
+    big = None
+    for name, rows in sizes:
+        bundle = _build({"seed": 7, "vocab": (rows, real)}, arra_config())
+        gpt, _ = _unwrap(bundle.chunks[0])
+        with torch.no_grad():
+            if big is None:
+                for pname, param in gpt.named_parameters():
+                    if "layernorm" in pname:
+                        param.add_(0.1 * torch.randn_like(param))
+                for weight in (gpt.embedding.word_embeddings.weight, gpt.output_layer.weight):
+                    weight[real:] = 3.0 * torch.randn_like(weight[real:]) + 1.0
+                big = {pname: param.detach().clone() for pname, param in bundle.chunks[0].named_parameters()}
+            else:
+                for pname, param in bundle.chunks[0].named_parameters():
+                    param.copy_(big[pname][:param.size(0)])
+        os.makedirs(f"{ckpt_root}/{name}", exist_ok=True)
+        save_model_weights(bundle.chunks, f"{ckpt_root}/{name}")
 
 
 def _unwrap(chunk):
@@ -112,12 +139,13 @@ def run_layout(ckpt_dir: str, layout: dict) -> dict:
     """Load the reference weights into ``layout``, run one global batch, report losses and grads.
 
     ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective),
+    vocab ((padded rows, real ids or None)), ckpt (a sub-directory of ``ckpt_dir`` to load),
     mbs (micro-batch size; the global batch is 8), z_loss, loss_scale (a constant fp16-style
     loss scale; gradients are divided by it again before comparison), arra (ARRAConfig overrides).
     """
     arra = arra_config(**layout.get("arra", {}))
     bundle = _build(layout, arra)
-    load_model_weights(bundle.chunks, ckpt_dir)
+    load_model_weights(bundle.chunks, f"{ckpt_dir}/{layout['ckpt']}" if "ckpt" in layout else ckpt_dir)
 
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
