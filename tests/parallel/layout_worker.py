@@ -130,6 +130,25 @@ def collect_grads(bundle, num_layers: int, align_layer: int) -> dict:
     return {name: _tp_full(p, p.main_grad).double() for name, p in sorted(wanted.items())}
 
 
+def run_named_layouts(ckpt_dir: str, layouts: dict) -> dict:
+    """Driver side: ``layouts`` maps a world size to [(name, layout)]; each world's layouts run in
+    one set of gloo processes. Returns name -> {layout, metrics, grads (TP-gathered, all stages)};
+    every rank must report the same metrics."""
+    from arra_megatron.runtime.launch import run_workers
+
+    out = {}
+    for world, named in layouts.items():
+        per_rank = run_workers(run_layouts, world, ckpt_dir, [layout for _, layout in named], timeout=600)
+        for index, (name, layout) in enumerate(named):
+            grads = {}
+            for rank_results in per_rank:
+                grads.update(rank_results[index]["grads"])
+            metrics = [rank_results[index]["metrics"] for rank_results in per_rank]
+            assert all(m == metrics[0] for m in metrics), f"{name}: ranks disagree on metrics {metrics}"
+            out[name] = {"layout": layout, "metrics": metrics[0], "grads": grads}
+    return out
+
+
 def run_layouts(ckpt_dir: str, layouts: list) -> list:
     """``run_layout`` for each layout in turn, in the same processes."""
     return [run_layout(ckpt_dir, layout) for layout in layouts]

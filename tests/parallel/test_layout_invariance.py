@@ -70,19 +70,7 @@ def _reference_for(layout: dict) -> str:
 def results(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("reference_ckpt"))
     run_workers(layout_worker.save_reference, 1, ckpt)
-    out = {}
-    for world, named in LAYOUTS.items():
-        per_rank = run_workers(layout_worker.run_layouts, world, ckpt, [layout for _, layout in named],
-                               timeout=600)
-        for index, (name, layout) in enumerate(named):
-            grads = {}
-            for rank_results in per_rank:
-                grads.update(rank_results[index]["grads"])
-            # Metrics are identical on every rank; check that too.
-            metrics = [rank_results[index]["metrics"] for rank_results in per_rank]
-            assert all(m == metrics[0] for m in metrics), f"{name}: ranks disagree on metrics {metrics}"
-            out[name] = {"layout": layout, "metrics": metrics[0], "grads": grads}
-    return out
+    return layout_worker.run_named_layouts(ckpt, LAYOUTS)
 
 
 ALL = [name for named in LAYOUTS.values() for name, _ in named]

@@ -37,16 +37,7 @@ LAYOUTS = {
 def results(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("padded_refs"))
     run_workers(layout_worker.save_padded_references, 1, root, REAL, PADDED)
-    out = {}
-    for world, named in LAYOUTS.items():
-        per_rank = run_workers(layout_worker.run_layouts, world, root, [layout for _, layout in named],
-                               timeout=600)
-        for index, (name, _) in enumerate(named):
-            grads = {}
-            for rank_results in per_rank:
-                grads.update(rank_results[index]["grads"])
-            out[name] = {"metrics": per_rank[0][index]["metrics"], "grads": grads}
-    return out
+    return layout_worker.run_named_layouts(root, LAYOUTS)
 
 
 def _real_rows(name: str, grad):
