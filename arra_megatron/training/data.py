@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from typing import Any, Optional, Tuple
 
+import torch
+
 from arra_megatron.data.mock import MockARRADataset
 
 
@@ -54,13 +56,20 @@ class RankBatchSampler:
 
 def micro_batch_loader(source, sampler: RankBatchSampler, num_workers: int):
     """Micro-batches from ``source`` in ``sampler``'s order; ``num_workers`` background processes
-    read and assemble ahead of the training step (0: in the training process)."""
+    read and assemble ahead of the training step (0: in the training process).
+
+    The loader draws its workers' base seed from a generator of its own, not from torch's
+    default one: that is also dropout's generator on CPU, and a draw there when a resumed run
+    (or an evaluation) builds a loader would change every later dropout mask. The samples
+    themselves depend only on their index, so the base seed changes nothing else.
+    """
     from torch.utils.data import DataLoader
 
     from arra_megatron.data.samples import collate
 
     return iter(DataLoader(source, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                           persistent_workers=False, prefetch_factor=4 if num_workers else None))
+                           persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                           generator=torch.Generator().manual_seed(0)))
 
 
 def dataset_sizes(args: argparse.Namespace) -> list:

@@ -1,4 +1,10 @@
-"""The real CLI under torchrun with 1, 2 and 4 gloo processes (CPU mode)."""
+"""The real CLI under torchrun with 1, 2 and 4 gloo processes (CPU mode).
+
+BASE's vocabulary (300 ids) pads to 384 rows at TP1 and 512 at TP2 (Megatron-LM's rule,
+make-vocab-size-divisible-by 128 x TP): the layout comparison reshards across paddings.
+Dropout is off where layouts are compared (dropout masks depend on the TP rank's generator)
+and on, at Megatron's default 0.1, where a resumed run is compared with an uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ SCRIPT = os.path.join(ROOT, "examples", "pretrain_arra.py")
 BASE = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
     "--seq-length 32 --micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 --lr-decay-iters 8 "
-    "--lr-decay-style cosine --mock-data --vocab-size 256 --arra-target-dim 16 --log-interval 1 "
+    "--lr-decay-style cosine --mock-data --vocab-size 300 --arra-target-dim 16 --log-interval 1 "
     "--hidden-dropout 0 --attention-dropout 0 --eval-interval 1000 --position-embedding-type rope "
     "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights"
 ).split()
@@ -82,8 +88,11 @@ def test_loss_curve_is_layout_invariant(start_ckpt, tmp_path, nproc, layout, req
 def test_kill_resume_and_incomplete_checkpoint(tmp_path):
     """Kill rank 0 after the iteration-4 checkpoint: the job exits non-zero promptly; a
     half-written newer checkpoint is ignored with a warning; resuming reproduces the
-    uninterrupted run's losses exactly."""
-    pp2 = ["--pipeline-model-parallel-size", "2", "--train-iters", "8", "--save-interval", "4"]
+    uninterrupted run's losses exactly, with dropout on (a loader built on resume, or for an
+    evaluation between the checkpoint and the kill, used to draw from dropout's generator:
+    lm loss 5.5575 vs 5.5624 at iteration 5)."""
+    pp2 = ["--pipeline-model-parallel-size", "2", "--train-iters", "8", "--save-interval", "4",
+           "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--eval-interval", "3", "--eval-iters", "1"]
     full = tmp_path / "full"
     ok(torchrun(2, *pp2, "--save", str(full), "--log-json", str(full / "log.jsonl")))
 
