@@ -85,20 +85,23 @@ def test_loss_curve_is_layout_invariant(start_ckpt, tmp_path, nproc, layout, req
             assert r[key] == pytest.approx(ref[key], rel=1e-5), f"iteration {it}: {key}"
 
 
-def test_kill_resume_and_incomplete_checkpoint(tmp_path):
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
+                         ids=["PP2", "TP2+SP"])
+def test_kill_resume_and_incomplete_checkpoint(tmp_path, layout):
     """Kill rank 0 after the iteration-4 checkpoint: the job exits non-zero promptly; a
     half-written newer checkpoint is ignored with a warning; resuming reproduces the
     uninterrupted run's losses exactly, with dropout on (a loader built on resume, or for an
     evaluation between the checkpoint and the kill, used to draw from dropout's generator:
     lm loss 5.5575 vs 5.5624 at iteration 5)."""
-    pp2 = ["--pipeline-model-parallel-size", "2", "--train-iters", "8", "--save-interval", "4",
+    flags = [*layout, "--train-iters", "8", "--save-interval", "4",
            "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--eval-interval", "3", "--eval-iters", "1"]
     full = tmp_path / "full"
-    ok(torchrun(2, *pp2, "--save", str(full), "--log-json", str(full / "log.jsonl")))
+    ok(torchrun(2, *flags, "--save", str(full), "--log-json", str(full / "log.jsonl")))
 
     crashed = tmp_path / "crashed"
     start = time.perf_counter()
-    proc = torchrun(2, *pp2, "--save", str(crashed), "--log-json", str(tmp_path / "crashed.jsonl"),
+    proc = torchrun(2, *flags, "--save", str(crashed), "--log-json", str(tmp_path / "crashed.jsonl"),
                     env={"ARRA_FAIL_AT": "5:0"})
     assert proc.returncode != 0
     assert time.perf_counter() - start < 240
@@ -107,7 +110,7 @@ def test_kill_resume_and_incomplete_checkpoint(tmp_path):
     (crashed / "iter_0000006").mkdir()  # a save that never finished
     (crashed / "iter_0000006" / "metadata.json").write_text("{")
     log = tmp_path / "resumed.jsonl"
-    proc = ok(torchrun(2, *pp2, "--load", str(crashed), "--save", str(crashed), "--log-json", str(log)))
+    proc = ok(torchrun(2, *flags, "--load", str(crashed), "--save", str(crashed), "--log-json", str(log)))
     assert "ignoring incomplete checkpoint" in proc.stdout + proc.stderr
     resumed, reference = records(log), records(full / "log.jsonl")
     assert sorted(resumed) == [5, 6, 7, 8]
