@@ -25,6 +25,10 @@ the marker is written last and atomically (rename), so a rerun after a crash
 rebuilds only unfinished parts and, since a part's bytes depend only on its inputs
 and the plan (``PREFIX.parts/plan.json``), merges to the same bytes as an
 uninterrupted build.
+
+Many processes (torchrun over nodes, srun, a SLURM array, or a second submit of the
+same command) share one build: each claims parts (build_ranks.py), the one that finds
+every part finished merges, and the result is byte-identical to a one-process build.
 """
 
 from __future__ import annotations
@@ -35,18 +39,21 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type
 
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from arra_megatron.data.build_ranks import BuildRank, Claims, unclaimed
 from arra_megatron.data.dali_pipeline import make_image_preprocessor
 from arra_megatron.data.image_refs import IMAGE_REF_DTYPE, ImageRefTable, read_image_bytes
 from arra_megatron.data.readers import SKIP_REASONS, InputSource, decode_sample, open_source
@@ -204,8 +211,16 @@ class _Worker:
     features: Optional[TargetFeaturizer] = None
 
 
+PART_FILES = (".bin", ".idx", ".images.npy", ".features.npy")
+
+
 def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable[[int], None]) -> Dict[str, Any]:
-    """Tokenize the samples of one part into ``prefix.bin/.idx/.images.npy``, then write the marker ``prefix.json``."""
+    """Tokenize the samples of one part into ``prefix.bin/.idx/.images.npy``, then write the marker ``prefix.json``.
+
+    The files are written under a name of this call's own and renamed into place before
+    the marker: two processes that ever build the same part leave one whole copy.
+    """
+    final, prefix = prefix, f"{prefix}.tmp-{uuid.uuid4().hex[:12]}"
     skipped: Counter = Counter()
     truncated = 0
     sources: Dict[str, int] = {}
@@ -258,7 +273,10 @@ def _build_part(worker: _Worker, part: PartSpec, prefix: str, progress: Callable
         feature_rows.append(worker.features(feature_images))
         np.save(f"{prefix}.features.npy", np.concatenate(feature_rows))
         marker["samples_without_target"] = worker.features.num_missing - missing_before
-    write_json_atomic(f"{prefix}.json", marker)
+    for suffix in PART_FILES:
+        if os.path.exists(prefix + suffix):
+            os.replace(prefix + suffix, final + suffix)
+    write_json_atomic(f"{final}.json", marker)
     return marker
 
 
@@ -297,23 +315,46 @@ def _make_featurizer(config: BuildConfig, device: str) -> Optional[TargetFeaturi
                                  threads)
 
 
-def _devices(config: BuildConfig) -> List[str]:
-    """One device per worker: GPUs round-robin when present (one process per GPU is the intended use), else CPU."""
+def _devices(config: BuildConfig, rank: BuildRank) -> List[str]:
+    """One device per worker: GPUs round-robin when present, else CPU. Launched as one process
+    per GPU (torchrun, srun), every worker of a process uses that process's GPU (LOCAL_RANK)."""
     workers = max(1, config.workers)
     if resolve_device(config.device) == "cpu":
         return ["cpu"] * workers
+    if rank.world > 1:
+        return [f"cuda:{rank.local_rank % torch.cuda.device_count()}"] * workers
     return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
 
 
-def _run_parts(todo: Sequence[PartSpec], config: BuildConfig, paths: OutputPaths, in_process: _Worker,
-               bar: tqdm) -> None:
-    """Build the unfinished parts: in this process for --workers 1, else in a spawned process pool."""
-    devices = _devices(config)
+def _fail_after() -> Optional[int]:
+    """Fault injection for tests: ``ARRA_BUILD_FAIL_AFTER=RANK:N`` kills that rank (``*``: every rank)
+    with SIGKILL after it finished N parts, as an OOM kill or a lost node would."""
+    spec = os.environ.get("ARRA_BUILD_FAIL_AFTER")
+    if not spec:
+        return None
+    rank, count = spec.split(":")
+    return int(count) if rank == "*" or int(rank) == BuildRank.from_env().rank else None
+
+
+def _run_parts(todo: Iterator[PartSpec], config: BuildConfig, paths: OutputPaths, in_process: _Worker,
+               rank: BuildRank, on_part: Callable[[Dict[str, Any]], None], bar: tqdm) -> None:
+    """Build the parts ``todo`` yields (claimed one at a time, as a worker is free): in this process
+    for --workers 1, else in a spawned process pool."""
+    devices = _devices(config, rank)
+    fail_after, finished = _fail_after(), 0
+
+    def finish(marker: Dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        on_part(marker)
+        if fail_after is not None and finished >= fail_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     if config.workers <= 1:
         if devices[0] != "cpu":
             in_process = _make_worker(config, in_process.source, in_process.profile, devices[0])
         for part in todo:
-            _build_part(in_process, part, paths.part(part.index), bar.update)
+            finish(_build_part(in_process, part, paths.part(part.index), bar.update))
         return
     context = mp.get_context("spawn")  # fork after torch/CUDA initialisation is unsafe
     device_queue, progress_queue = context.Queue(), context.Queue()
@@ -322,15 +363,24 @@ def _run_parts(todo: Sequence[PartSpec], config: BuildConfig, paths: OutputPaths
     pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
                                initargs=(config, in_process.source, in_process.profile, device_queue, progress_queue))
     try:
-        futures = {pool.submit(_build_part_in_pool, part, paths.part(part.index)) for part in todo}
+        futures = set()
+        for part in todo:  # keep every worker busy, claiming a part only when one is free
+            futures.add(pool.submit(_build_part_in_pool, part, paths.part(part.index)))
+            while len(futures) >= config.workers:
+                futures = _drain(futures, progress_queue, bar, finish)
         while futures:
-            done, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
-            while not progress_queue.empty():
-                bar.update(progress_queue.get())
-            for future in done:
-                future.result()  # re-raise a worker's error; finished parts stay for the rerun
+            futures = _drain(futures, progress_queue, bar, finish)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _drain(futures: set, progress_queue: Any, bar: tqdm, finish: Callable[[Dict[str, Any]], None]) -> set:
+    done, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+    while not progress_queue.empty():
+        bar.update(progress_queue.get())
+    for future in done:
+        finish(future.result())  # re-raise a worker's error; finished parts stay for the rerun
+    return futures
 
 
 def _prepare_output(paths: OutputPaths, overwrite: bool) -> None:
@@ -474,21 +524,93 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     parts = plan_parts(len(source.units), config.num_parts or max(1, default_parts))
 
     description = source.describe()
+    rank = BuildRank.from_env()
+    if rank.world > 1 and config.overwrite:
+        raise ValueError(f"--overwrite with {rank.world} processes ({rank.launcher}): each would delete the "
+                         f"others' parts; delete {paths.prefix}.* and {paths.parts_dir} first, or run the "
+                         "--overwrite build as one process")
+    if rank.world > 1 and os.path.exists(paths.manifest):
+        finished = json.loads(Path(paths.manifest).read_text())
+        if (finished.get("input"), finished.get("tokenizer_profile"), finished.get("max_seq_length")) == \
+                (json.loads(json.dumps(description)), profile.to_dict(), config.max_seq_length):
+            logger.info("%s: already finished by another process of this build", paths.prefix)
+            return finished
     _prepare_output(paths, config.overwrite)
     _check_plan(paths, {"builder_version": BUILDER_VERSION, "input": description,
                         "tokenizer_profile": profile.to_dict(), "max_seq_length": config.max_seq_length,
                         "num_parts": len(parts), "batch_size": config.batch_size,
                         "features": None if features is None else {"encoder": features.encoder.identity,
                                                                    "batch_size": features.batch_size}})
-    todo = [p for p in parts if not os.path.exists(f"{paths.part(p.index)}.json")]
-    logger.info("%s: %d parts (%d finished earlier), vocabulary %d (%s), %d tokens per image",
-                config.output_prefix, len(parts), len(parts) - len(todo), profile.vocab_size,
-                np.dtype(dtype).name, profile.tokens_per_image)
     worker = _Worker(source, text, image, profile, dtype, config.max_seq_length, config.batch_size, features)
-    total = None if source.kind == "tar" else sum(p.stop - p.start for p in todo)
-    with tqdm(total=total, unit="sample", desc="tokenizing", dynamic_ncols=True) as bar:
-        _run_parts(todo, config, paths, worker, bar)
+    try:
+        with Claims(paths.parts_dir, rank) as claims:
+            if not _build_claimed_parts(parts, config, paths, worker, rank, claims, source.kind == "tar", profile,
+                                        dtype) or not claims.try_claim("merge"):
+                return None
+            if os.path.exists(paths.manifest):  # merged by another process meanwhile
+                return json.loads(Path(paths.manifest).read_text())
+            manifest = _finish(parts, config, paths, dtype, features, description, profile)
+    except FileNotFoundError:
+        if not os.path.exists(paths.manifest):
+            raise
+        logger.info("%s: finished by another process of this build", paths.prefix)
+        return json.loads(Path(paths.manifest).read_text())
+    shutil.rmtree(paths.parts_dir)
+    logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
+    return manifest
 
+
+def _part_done(paths: OutputPaths, index: int) -> bool:
+    return os.path.exists(f"{paths.part(index)}.json")
+
+
+def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: OutputPaths, worker: _Worker,
+                         rank: BuildRank, claims: Claims, unknown_total: bool, profile: TokenizerProfile,
+                         dtype) -> bool:
+    """Build every part this process can claim; True when all parts are then finished (merge now)."""
+    finished_before = sum(_part_done(paths, p.index) for p in parts)
+    where = f" (rank {rank.rank} of {rank.world}, {rank.launcher})" if rank.world > 1 else ""
+    logger.info("%s%s: %d parts (%d finished earlier), vocabulary %d (%s), %d tokens per image",
+                config.output_prefix, where, len(parts), finished_before, profile.vocab_size,
+                np.dtype(dtype).name, profile.tokens_per_image)
+    by_name = {paths.part(p.index).rsplit("/", 1)[-1]: p for p in parts}
+    order = [paths.part(i).rsplit("/", 1)[-1] for i in rank.visiting_order([p.index for p in parts])]
+    todo = (by_name[name] for name in unclaimed(claims, order, lambda name: _part_done(paths, by_name[name].index)))
+    remaining = sum(p.stop - p.start for p in parts if not _part_done(paths, p.index))
+    total = None if unknown_total or rank.world > 1 else remaining
+    skipped: Counter = Counter()
+    counted = {"at": 0.0, "done": finished_before}
+
+    def on_part(marker: Dict[str, Any]) -> None:
+        skipped.update(marker["skipped"])
+        now = time.monotonic()
+        if now - counted["at"] > 30 or rank.world == 1:  # a directory scan, at most every 30 s
+            counted.update(at=now, done=sum(_part_done(paths, p.index) for p in parts))
+        else:
+            counted["done"] += 1
+        bar.set_postfix(parts=f"{counted['done']}/{len(parts)}", skipped=sum(skipped.values()), refresh=False)
+        if rank.world > 1:
+            rate = bar.format_dict["n"] / max(bar.format_dict["elapsed"], 1e-9)
+            logger.info("rank %d: part %d done; %d of %d parts finished, %.1f samples/s here, %d inputs skipped "
+                        "here so far", rank.rank, marker["part"], counted["done"], len(parts), rate,
+                        sum(skipped.values()))
+
+    with tqdm(total=total, unit="sample", desc="tokenizing", dynamic_ncols=True, disable=rank.rank > 0) as bar:
+        _run_parts(todo, config, paths, worker, rank, on_part, bar)
+    unfinished = [p.index for p in parts if not _part_done(paths, p.index)]
+    if unfinished:
+        holders = {i: (claims.holder(paths.part(i).rsplit("/", 1)[-1]) or {}).get("host", "?") for i in unfinished[:5]}
+        logger.info("%s: %d of %d parts finished; the others are being built by other processes (part: host %s); "
+                    "the one that finishes the last part merges. If a process died, rerun this command: it "
+                    "builds what is missing and merges.", paths.prefix, len(parts) - len(unfinished), len(parts),
+                    holders)
+        return False
+    return True
+
+
+def _finish(parts: List[PartSpec], config: BuildConfig, paths: OutputPaths, dtype, features,
+            description: Dict[str, Any], profile: TokenizerProfile) -> Dict[str, Any]:
+    """Merge the finished parts and write the manifest (the dataset is then finished)."""
     markers = [json.loads(Path(f"{paths.part(p.index)}.json").read_text()) for p in parts]
     skipped: Counter = Counter()
     for marker in markers:
@@ -520,8 +642,6 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
         manifest["features"] = features.manifest_entry(f"{name}.features.npy", num_samples,
                                                        sum(m["samples_without_target"] for m in markers))
     write_json_atomic(paths.manifest, manifest)  # last: marks the dataset finished
-    shutil.rmtree(paths.parts_dir)
-    logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
     return manifest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from collections import Counter
@@ -132,3 +133,30 @@ def tar_inputs(tmp_path_factory) -> Inputs:
     (root / "00004.tar").write_bytes(bytes(rng.randrange(256) for _ in range(2048)))
     inputs.skipped.update(tar_unreadable=2)
     return inputs
+
+
+# ----------------------------------------------------------------------------- tools/build_indexed_dataset.py
+_spec = importlib.util.spec_from_file_location(
+    "build_indexed_dataset", Path(__file__).resolve().parents[2] / "tools" / "build_indexed_dataset.py")
+build_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_tool)
+
+
+def build_argv(inputs: Inputs, prefix, sp_model, janus_vq_dir, *extra) -> List[str]:
+    """The builder's flags for ``inputs`` (captions, the Janus VQ) plus ``extra``."""
+    return ["--input", inputs.input, "--output-prefix", str(prefix), "--text-tokenizer", str(sp_model),
+            "--image-tokenizer", str(janus_vq_dir), "--image-size", str(IMAGE_SIZE),
+            "--max-seq-length", str(MAX_SEQ_LENGTH), "--batch-size", "4", *extra]
+
+
+def built_files(prefix) -> Dict[str, bytes]:
+    return {suffix: Path(f"{prefix}{suffix}").read_bytes() for suffix in (".bin", ".idx", ".images.npy")}
+
+
+@pytest.fixture(scope="session")
+def tar_build(tmp_path_factory, tar_inputs, sp_model, janus_vq_dir):
+    """The one-process build of ``tar_inputs``: the reference every other build must equal."""
+    torch.set_num_threads(1)
+    prefix = tmp_path_factory.mktemp("build") / "laion"
+    assert build_tool.main(build_argv(tar_inputs, prefix, sp_model, janus_vq_dir)) == 0
+    return prefix

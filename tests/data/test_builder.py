@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,30 +17,9 @@ from arra_megatron.testing.tiny_data import encode_image, make_image
 from arra_megatron.tokenization.profile import TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
 from tests.data.conftest import IMAGE_SIZE, MAX_SEQ_LENGTH, TOKENS_PER_IMAGE, Good, reference_codes
-
-_spec = importlib.util.spec_from_file_location(
-    "build_indexed_dataset", Path(__file__).resolve().parents[2] / "tools" / "build_indexed_dataset.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
-
-
-def _argv(inputs, prefix, sp_model, janus_vq_dir, *extra):
-    return ["--input", inputs.input, "--output-prefix", str(prefix), "--text-tokenizer", str(sp_model),
-            "--image-tokenizer", str(janus_vq_dir), "--image-size", str(IMAGE_SIZE),
-            "--max-seq-length", str(MAX_SEQ_LENGTH), "--batch-size", "4", *extra]
-
-
-def _files(prefix) -> dict:
-    return {suffix: Path(f"{prefix}{suffix}").read_bytes() for suffix in (".bin", ".idx", ".images.npy")}
-
-
-@pytest.fixture(scope="module")
-def tar_build(tmp_path_factory, tar_inputs, sp_model, janus_vq_dir):
-    torch.set_num_threads(1)
-    prefix = tmp_path_factory.mktemp("build") / "laion"
-    assert tool.main(_argv(tar_inputs, prefix, sp_model, janus_vq_dir)) == 0
-    return prefix
-
+from tests.data.conftest import build_argv as _argv
+from tests.data.conftest import build_tool as tool
+from tests.data.conftest import built_files as _files
 
 def _check_samples(prefix: Path, good: list, vq_dir: Path, condition_ids) -> dict:
     """Every good sample, in input order, as [BOS] condition [BOI] codes [EOI] [EOS]; image refs point at its bytes."""
