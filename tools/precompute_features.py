@@ -19,7 +19,14 @@ Examples:
     PYTHONPATH=examples/study python tools/precompute_features.py --data-prefix data/laion \\
         --encoder python:arra_study_nets:efficientnet_lite0 --encoder-aggregation avgpool --overwrite
 
-Interrupted runs resume: rerun the same command (same encoder and --encoder-batch-size).
+    # every GPU of 4 nodes (run on each node; or as a SLURM array job, one GPU per task)
+    torchrun --nnodes 4 --node-rank $NODE_RANK --nproc-per-node 8 --master-addr $MASTER_ADDR \\
+        tools/precompute_features.py --data-prefix /data/laion_coco_t2i \\
+        --encoder open_clip:local-dir:/models/clip_vit_l14 --device cuda
+
+Rows are computed in chunks (PREFIX.features.npy.parts/chunk-NNNNN.npy) that the processes
+claim in turn; the one that computes the last chunk writes the table. Interrupted runs
+resume: rerun the same command (same encoder and --encoder-batch-size).
 Exit status: 0 written, 2 bad flags or inputs.
 """
 

@@ -646,53 +646,128 @@ def _finish(parts: List[PartSpec], config: BuildConfig, paths: OutputPaths, dtyp
 
 
 def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size: int = 64, device: str = "cpu",
-                 num_threads: int = 1, overwrite: bool = False, batches_per_checkpoint: int = 16) -> Dict[str, Any]:
-    """Write (or with ``overwrite`` replace) ``PREFIX.features.npy`` of a finished dataset; returns the manifest.
+                 num_threads: int = 1, overwrite: bool = False, batches_per_checkpoint: int = 16) -> Optional[Dict[str, Any]]:
+    """Write (or with ``overwrite`` replace) ``PREFIX.features.npy`` of a finished dataset; returns the
+    manifest (None when another process of the same run does the final write).
 
     Images are read through the image reference table (``read_image_bytes``) in sample
     order and go through the same ``TargetFeaturizer`` as ``--encoder`` at build time.
-    Resumable: rows go into ``PREFIX.features.npy.partial``, and every
-    ``batches_per_checkpoint`` batches ``PREFIX.features.progress.json`` records how many
-    are done; a rerun with the same encoder and batch size continues from there (batch
-    boundaries stay multiples of ``batch_size``, so the result is the same).
+    The rows are computed in chunks of ``batches_per_checkpoint`` batches, each saved to
+    ``PREFIX.features.parts/chunk-NNNNN.npy`` with a marker: a rerun with the same encoder
+    and batch size continues from there, and many processes (torchrun, srun, a SLURM
+    array: build_ranks.py) share the chunks as the builder shares parts. Batch boundaries
+    stay multiples of ``batch_size``, so the result is the same however it was computed.
     """
     paths = OutputPaths(prefix)
     if not os.path.isfile(paths.manifest):
         raise FileNotFoundError(f"{paths.manifest} not found: --data-prefix {prefix} is not a finished dataset "
                                 "(build it with tools/build_indexed_dataset.py)")
     manifest = json.loads(Path(paths.manifest).read_text())
-    if manifest.get("features") and not overwrite:
-        old = manifest["features"]
-        raise FileExistsError(f"{paths.manifest} already has features ({old['encoder']['name']}, "
-                              f"{old['aggregation']}); pass --overwrite to replace them")
+    rank = BuildRank.from_env()
     table = ImageRefTable.load(prefix)
     num_rows = int(manifest["num_samples"])
     if len(table) != num_rows:
         raise ValueError(f"{paths.images} has {len(table)} rows but {paths.manifest} says {num_rows} samples")
+    if rank.world > 1 and device == "cuda":  # one process per GPU
+        device = f"cuda:{rank.local_rank % torch.cuda.device_count()}"
     featurizer = TargetFeaturizer.load(encoder, aggregation, batch_size, device, num_threads)
-    partial, progress_file = f"{paths.features}.partial", f"{prefix}.features.progress.json"
-    settings = {"encoder": featurizer.encoder.identity, "batch_size": featurizer.batch_size, "num_rows": num_rows}
-    settings = json.loads(json.dumps(settings))  # as read back from JSON
-    progress = json.loads(Path(progress_file).read_text()) if os.path.isfile(progress_file) else None
-    if progress is not None and progress["settings"] == settings and os.path.isfile(partial):
-        rows = np.lib.format.open_memmap(partial, mode="r+")
-        start, missing = progress["rows_done"], progress["samples_without_target"]
-        logger.info("%s: resuming at row %d of %d", partial, start, num_rows)
-    else:
-        rows = np.lib.format.open_memmap(partial, mode="w+", dtype=FEATURE_DTYPE, shape=(num_rows, featurizer.dim))
-        start, missing = 0, 0
-    step = featurizer.batch_size * batches_per_checkpoint
-    with tqdm(total=num_rows, initial=start, unit="image", desc="f_GF", dynamic_ncols=True) as bar:
-        for begin in range(start, num_rows, step):
-            end = min(begin + step, num_rows)
-            featurizer.num_missing = 0
-            rows[begin:end] = featurizer(read_image_bytes(table, range(begin, end)))
-            missing += featurizer.num_missing
-            rows.flush()
-            write_json_atomic(progress_file, {"settings": settings, "rows_done": end,
-                                              "samples_without_target": missing})
-            bar.update(end - begin)
-    del rows
+    settings = json.loads(json.dumps({"encoder": featurizer.encoder.identity, "batch_size": featurizer.batch_size,
+                                      "num_rows": num_rows}))  # as read back from JSON
+    parts_dir = Path(f"{paths.features}.parts")
+    old = manifest.get("features")
+    if old and rank.world > 1 and not parts_dir.exists() and old.get("encoder") == settings["encoder"] \
+            and old.get("aggregation") == aggregation:
+        logger.info("%s: features already written by another process of this run", paths.features)
+        return manifest
+    if old and not overwrite:
+        raise FileExistsError(f"{paths.manifest} already has features ({old['encoder']['name']}, "
+                              f"{old['aggregation']}); pass --overwrite to replace them")
+    chunk = featurizer.batch_size * batches_per_checkpoint
+    parts_dir.mkdir(exist_ok=True)
+    previous = json.loads((parts_dir / "plan.json").read_text()) if (parts_dir / "plan.json").is_file() else None
+    if previous is not None and {k: v for k, v in previous.items() if k != "chunk_rows"} == settings:
+        chunk = previous["chunk_rows"]  # a rerun keeps the chunking it started with
+    elif previous is not None:
+        logger.info("%s holds chunks of another encoder or batch size: starting over", parts_dir)
+        shutil.rmtree(parts_dir)
+        parts_dir.mkdir()
+    write_json_atomic(parts_dir / "plan.json", {**settings, "chunk_rows": chunk})
+    _adopt_old_progress(paths, settings, parts_dir, chunk)
+    ranges = {f"chunk-{i:05d}": (begin, min(begin + chunk, num_rows))
+              for i, begin in enumerate(range(0, num_rows, chunk))}
+    done = lambda name: (parts_dir / f"{name}.json").is_file()  # noqa: E731
+    try:
+        with Claims(parts_dir, rank) as claims:
+            names = list(ranges)
+            order = [names[i] for i in rank.visiting_order(list(range(len(names))))]
+            finished_before = sum(map(done, names))
+            if finished_before:
+                logger.info("%s: %d of %d chunks computed earlier", parts_dir, finished_before, len(names))
+            with tqdm(total=num_rows, initial=sum(e - b for n, (b, e) in ranges.items() if done(n)), unit="image",
+                      desc="f_GF", dynamic_ncols=True, disable=rank.rank > 0) as bar:
+                for name in unclaimed(claims, order, done):
+                    begin, end = ranges[name]
+                    featurizer.num_missing = 0
+                    rows = featurizer(read_image_bytes(table, range(begin, end)))
+                    tmp = parts_dir / f"{name}.tmp-{uuid.uuid4().hex[:12]}.npy"
+                    np.save(tmp, rows)
+                    os.replace(tmp, parts_dir / f"{name}.npy")
+                    write_json_atomic(parts_dir / f"{name}.json", {"rows": [begin, end],
+                                                                   "samples_without_target": featurizer.num_missing})
+                    claims.release(name)
+                    bar.update(end - begin)
+            if not all(map(done, names)):
+                logger.info("%s: %d of %d chunks computed; the process that computes the last one writes the "
+                            "table (if a process died, rerun this command)", parts_dir, sum(map(done, names)),
+                            len(names))
+                return None
+            if not claims.try_claim("merge"):
+                return None
+            return _write_feature_table(paths, manifest, featurizer, parts_dir, names)
+    except FileNotFoundError:
+        if parts_dir.exists() or not json.loads(Path(paths.manifest).read_text()).get("features"):
+            raise
+        logger.info("%s: written by another process of this run", paths.features)
+        return json.loads(Path(paths.manifest).read_text())
+
+
+def _adopt_old_progress(paths: OutputPaths, settings: dict, parts_dir: Path, chunk: int) -> None:
+    """Turn an interrupted run of the earlier single-file format (``PREFIX.features.npy.partial`` with
+    ``PREFIX.features.progress.json``) into finished chunks, so its rows are not computed again."""
+    partial, progress_file = Path(f"{paths.features}.partial"), Path(f"{paths.prefix}.features.progress.json")
+    if not (partial.is_file() and progress_file.is_file()):
+        return
+    progress = json.loads(progress_file.read_text())
+    if progress.get("settings") == settings:
+        rows = np.load(partial, mmap_mode="r")
+        done_rows, num_rows = int(progress["rows_done"]), int(settings["num_rows"])
+        for i, begin in enumerate(range(0, done_rows, chunk)):
+            end = min(begin + chunk, num_rows)
+            if end > done_rows:
+                break
+            block = np.asarray(rows[begin:end])
+            np.save(parts_dir / f"chunk-{i:05d}.npy", block)
+            write_json_atomic(parts_dir / f"chunk-{i:05d}.json", {
+                "rows": [begin, end], "samples_without_target": int(np.isnan(block).any(axis=1).sum())})
+        logger.info("%s: adopted %d rows computed by an earlier version", partial, done_rows)
+    partial.unlink()
+    progress_file.unlink()
+
+
+def _write_feature_table(paths: OutputPaths, manifest: Dict[str, Any], featurizer: TargetFeaturizer,
+                         parts_dir: Path, names: List[str]) -> Dict[str, Any]:
+    """Concatenate the chunks into ``PREFIX.features.npy`` and record it in the manifest."""
+    num_rows = int(manifest["num_samples"])
+    partial = f"{paths.features}.partial"
+    table = np.lib.format.open_memmap(partial, mode="w+", dtype=FEATURE_DTYPE, shape=(num_rows, featurizer.dim))
+    missing = 0
+    for name in names:
+        marker = json.loads((parts_dir / f"{name}.json").read_text())
+        begin, end = marker["rows"]
+        table[begin:end] = np.load(parts_dir / f"{name}.npy")
+        missing += marker["samples_without_target"]
+    table.flush()
+    del table
     name = os.path.basename(paths.prefix)
     if manifest.get("features"):  # never a manifest naming a table that is being replaced
         manifest["features"] = None
@@ -701,7 +776,7 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     manifest["features"] = featurizer.manifest_entry(f"{name}.features.npy", num_rows, missing)
     manifest["files"]["features"] = f"{name}.features.npy"
     write_json_atomic(paths.manifest, manifest)
-    os.remove(progress_file)
+    shutil.rmtree(parts_dir)
     logger.info("wrote %s: %d x %d float16, %d samples without an ARRA target (NaN rows)", paths.features,
                 num_rows, featurizer.dim, missing)
     return manifest

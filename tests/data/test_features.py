@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from arra_megatron.data.builder import BuildConfig, TargetFeaturizer, add_featur
 from arra_megatron.data.image_refs import ImageRefTable, read_image_bytes
 from arra_megatron.encoders import load_encoder
 from arra_megatron.encoders.preprocess import reference_preprocess
+from arra_megatron.runtime.launch import free_port
 from arra_megatron.testing.tiny_data import encode_image, make_image
 from tests.data.conftest import IMAGE_SIZE, MAX_SEQ_LENGTH
 from tests.encoders.fixtures import CLIP_EMBED_DIM, tiny_clip_dir  # noqa: F401
@@ -129,13 +133,13 @@ def test_precompute_on_existing_dataset_matches_build(tmp_path, monkeypatch, tar
     monkeypatch.setattr(builder_module, "read_image_bytes", killed_on_third_read)
     with pytest.raises(KeyboardInterrupt):
         add_features(str(prefix), _encoder_spec(tiny_clip_dir), batch_size=ENCODER_BATCH, batches_per_checkpoint=1)
-    assert json.loads(Path(f"{prefix}.features.progress.json").read_text())["rows_done"] == 8
+    chunks = Path(f"{prefix}.features.npy.parts")
+    assert sorted(p.name for p in chunks.glob("chunk-*.json")) == ["chunk-00000.json", "chunk-00001.json"]
     assert json.loads(Path(f"{prefix}.json").read_text())["features"] is None
     monkeypatch.setattr(builder_module, "read_image_bytes", lambda *a: reads.append(list(a[1])) or real_read(*a))
     assert precompute_tool.main(argv) == 0
     assert reads[2][0] == 8  # resumed, not restarted
-    assert not Path(f"{prefix}.features.progress.json").exists()
-    assert not Path(f"{prefix}.features.npy.partial").exists()
+    assert not chunks.exists() and not Path(f"{prefix}.features.npy.partial").exists()
 
     # Same table as --encoder at build time: same bytes, same preprocessing and encoder.
     table = np.load(f"{prefix}.features.npy")
@@ -196,3 +200,60 @@ def test_bad_encoder_spec_names_the_flag(tmp_path, folder_inputs, janus_vq_dir, 
             "--encoder", f"open_clip:local-dir:{tmp_path / 'absent'}"]
     assert build_tool.main(argv) == 2
     assert "--encoder open_clip:local-dir:" in caplog.text and "open_clip_config.json" in caplog.text
+
+
+def _without_features(built, prefix: Path) -> Path:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix = _copy_dataset(built, prefix)
+    manifest = json.loads(Path(f"{prefix}.json").read_text())
+    manifest["features"] = None
+    del manifest["files"]["features"]
+    Path(f"{prefix}.json").write_text(json.dumps(manifest))
+    Path(f"{prefix}.features.npy").unlink()
+    return prefix
+
+
+def test_precompute_under_torchrun_equals_one_process(tmp_path, tar_features_build, tiny_clip_dir):
+    """Two processes share the chunks (build_ranks.py); the table and manifest equal a one-process run."""
+    single = _without_features(tar_features_build, tmp_path / "one" / "laion")
+    argv = ["--encoder", _encoder_spec(tiny_clip_dir), "--encoder-batch-size", str(ENCODER_BATCH),
+            "--device", "cpu", "--num-threads", "1"]
+    assert precompute_tool.main(["--data-prefix", str(single), *argv]) == 0
+    prefix = _without_features(tar_features_build, tmp_path / "two" / "laion")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0",
+                           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                           str(_TOOLS / "precompute_features.py"), "--data-prefix", str(prefix), *argv],
+                          capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(f"{prefix}.features.npy").read_bytes() == Path(f"{single}.features.npy").read_bytes()
+    assert json.loads(Path(f"{prefix}.json").read_text()) == json.loads(Path(f"{single}.json").read_text())
+    assert not Path(f"{prefix}.features.npy.parts").exists()
+
+
+def test_an_interrupted_run_of_the_earlier_format_is_continued(tmp_path, monkeypatch, tar_features_build,
+                                                              tiny_clip_dir):
+    """The earlier version kept one .partial table and a rows_done count: its finished rows are adopted
+    as chunks (not computed again) and the result equals a fresh run."""
+    prefix = _without_features(tar_features_build, tmp_path / "old")
+    built = np.load(f"{tar_features_build}.features.npy")
+    partial = np.lib.format.open_memmap(f"{prefix}.features.npy.partial", mode="w+", dtype=np.float16,
+                                        shape=built.shape)
+    partial[:8] = built[:8]
+    partial.flush()
+    del partial
+    encoder = TargetFeaturizer.load(_encoder_spec(tiny_clip_dir), "cls", ENCODER_BATCH, "cpu", 1)
+    settings = {"encoder": encoder.encoder.identity, "batch_size": ENCODER_BATCH, "num_rows": len(built)}
+    Path(f"{prefix}.features.progress.json").write_text(json.dumps(
+        {"settings": json.loads(json.dumps(settings)), "rows_done": 8, "samples_without_target": 0}))
+    real_read = builder_module.read_image_bytes
+    reads = []
+    monkeypatch.setattr(builder_module, "read_image_bytes", lambda *a: reads.append(list(a[1])) or real_read(*a))
+    add_features(str(prefix), _encoder_spec(tiny_clip_dir), batch_size=ENCODER_BATCH, batches_per_checkpoint=1)
+    assert reads[0][0] == 8 and sum(len(r) for r in reads) == len(built) - 8
+    assert not Path(f"{prefix}.features.progress.json").exists()
+    table = np.load(f"{prefix}.features.npy")
+    np.testing.assert_array_equal(table[:8], built[:8])
+    np.testing.assert_allclose(table.astype(np.float32), built.astype(np.float32), rtol=2e-3, atol=1e-4)
