@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import os
+import signal
 import sys
 from typing import List, Optional, Sequence
 
@@ -16,6 +17,9 @@ from arra_megatron.inference.sampling import SamplingConfig, prompt_tokens, samp
 
 logger = logging.getLogger("generate")
 
+PLAN_FILE = "generate.json"  # the request of an unfinished run, removed once samples.jsonl is written
+SAMPLING_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p", "kv_cache")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
@@ -23,13 +27,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="generate.py", description="Sample images from a trained ARRA model (torchrun for TP > 1).",
-                allow_abbrev=False)
+    p = _Parser(prog="generate.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Sample images from a trained ARRA model.\n\n"
+                            "Under torchrun the world is TP x DP: --tensor-model-parallel-size processes hold one "
+                            "model replica,\nand the replicas share the images (batch b goes to replica b mod DP). "
+                            "An image depends only on its\ncondition and seed, not on the world size. An interrupted "
+                            "run resumes when the same command is run\nagain (any world size): images already "
+                            "written are skipped.")
     g = p.add_argument_group("model")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="trainer checkpoint directory (--save of pretrain_arra.py, or one iter_*)")
     source.add_argument("--hf", help="transformers directory made by tools/convert_checkpoint.py export")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="with --load: the world size")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="with --load: processes per model replica (the world size must be a multiple)")
     g.add_argument("--device", default=None, help="with --hf: cpu or cuda (default: cuda when present)")
     g.add_argument("--data-path", help="dataset prefix whose tokenizer profile the model was trained on "
                                        "(default with --load: the checkpoint's first --data-path)")
@@ -58,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--no-kv-cache recomputes the whole sequence at every step (slow; a reference)")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out-dir", required=True, help="PNG files, grid.png and samples.jsonl (must be new)")
+    g.add_argument("--out-dir", required=True, help="PNG files, grid.png and samples.jsonl (new, or an unfinished "
+                                                    "run of the same command, which continues)")
     g.add_argument("--grid-nrow", type=int, default=8, help="images per row of grid.png")
     return p
 
@@ -80,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--hf needs --data-path (the dataset whose tokenizer profile the model was trained on)")
     if os.path.exists(os.path.join(args.out_dir, "samples.jsonl")):
         parser.error(f"--out-dir {args.out_dir} already holds samples.jsonl; choose a new directory")
+    if args.hf and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--hf samples in one process; for many processes use the trainer checkpoint (--load)")
     if args.prompts and not os.path.isfile(args.prompts):
         parser.error(f"--prompts {args.prompts}: no such file")
     return args
@@ -107,25 +120,26 @@ def _profile_prefix(args, checkpoint_args: Optional[dict]) -> str:
 
 
 def _decoder(args):
-    """(sampling decoder, whether this process writes the output)."""
+    """(sampling decoder, whether this process writes its replica's output, replica, replicas)."""
     if args.hf:
         from arra_megatron.inference.hf_decoder import HFDecoder, load_hf_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return HFDecoder(load_hf_model(args.hf, device), args.kv_cache), True
+        return HFDecoder(load_hf_model(args.hf, device), args.kv_cache), True, 0, 1
     from megatron.core import parallel_state
 
     from arra_megatron.conversion.checkpoint import resolve_checkpoint
     from arra_megatron.inference.megatron_decoder import MegatronDecoder, build_inference_model
     from arra_megatron.runtime.distributed import initialize_model_parallel
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % args.tensor_model_parallel_size:
+        raise ValueError(f"world size {world} is not a multiple of --tensor-model-parallel-size "
+                         f"{args.tensor_model_parallel_size}: launch TP x DP processes")
     initialize_model_parallel(args.tensor_model_parallel_size)
-    world = torch.distributed.get_world_size()
-    if world != args.tensor_model_parallel_size:
-        raise ValueError(f"world size {world} differs from --tensor-model-parallel-size "
-                         f"{args.tensor_model_parallel_size}: launch one process per TP rank")
     model, _ = build_inference_model(resolve_checkpoint(args.load), args.tensor_model_parallel_size)
-    return MegatronDecoder(model, args.kv_cache), parallel_state.get_tensor_model_parallel_rank() == 0
+    return (MegatronDecoder(model, args.kv_cache), parallel_state.get_tensor_model_parallel_rank() == 0,
+            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
 
 
 def _image_decoder(args, profile):
@@ -152,11 +166,37 @@ def _image_decoder(args, profile):
     return ChameleonVQGANDecoder.from_checkpoint(args.vqgan_checkpoint, tokenizer.model.config).decode
 
 
+def _check_plan(out_dir: str, plan: dict, first_rank: bool) -> None:
+    """An unfinished --out-dir must be continued with the same request (the images already there stay).
+    Every rank checks (so all fail alike, before any sampling); the first writes the plan of a new run."""
+    from arra_megatron.fileio import write_json_atomic
+
+    path = os.path.join(out_dir, PLAN_FILE)
+    plan = json.loads(json.dumps(plan))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != plan:
+            changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+            raise ValueError(f"--out-dir {out_dir} holds an unfinished run with other settings (changed: "
+                             f"{changed}); choose a new directory or rerun the same command")
+    elif first_rank:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomic(path, plan)
+
+
+def _fail_after() -> Optional[int]:
+    """Fault injection for tests: ``ARRA_GENERATE_FAIL_AFTER=N`` kills every process (SIGKILL) after
+    it wrote N batches, as a lost node would."""
+    value = os.environ.get("ARRA_GENERATE_FAIL_AFTER")
+    return int(value) if value else None
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Sample every requested image; returns a summary (on every rank; files from the writing rank)."""
+    """Sample every requested image; returns a summary (on every rank; files from the writing ranks)."""
     from tqdm import tqdm
 
-    from arra_megatron.inference.output import SampleWriter
+    from arra_megatron.inference.output import SampleWriter, merge, recorded
 
     checkpoint_args = None
     if args.load:
@@ -176,26 +216,49 @@ def run(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"--text-tokenizer {path}: not found (the dataset's text tokenizer)")
         text = TextTokenizer(path)
     prompts = [prompt_tokens(profile, c, max_seq_length) for c in condition_tokens(conditions, profile, text)]
-    decoder, writes = _decoder(args)
-    writer = SampleWriter(args.out_dir, _image_decoder(args, profile), args.grid_nrow) if writes else None
     seeds = [args.seed + i for i in range(len(prompts))]
     mbs = args.micro_batch_size
-    bar = tqdm(total=len(prompts) * profile.tokens_per_image, unit="token", disable=not writes, desc="sampling")
+    decoder, writes, replica, replicas = _decoder(args)
+    first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    _check_plan(args.out_dir, {"load": args.load, "hf": args.hf, "conditions": [c.record() for c in conditions],
+                               "seeds": seeds, "sampling": {k: getattr(args, k) for k in SAMPLING_FLAGS},
+                               "micro_batch_size": mbs}, first_rank)
+    _barrier()
+    done = recorded(args.out_dir)
+    batches = [range(b, min(b + mbs, len(prompts))) for b in range(0, len(prompts), mbs)]
+    mine = [b for i, b in enumerate(batches) if i % replicas == replica and not all(j in done for j in b)]
+    if done and writes:
+        logger.info("%s: %d of %d images written earlier; replica %d of %d samples %d batches", args.out_dir,
+                    len(done), len(prompts), replica, replicas, len(mine))
+    writer = SampleWriter(args.out_dir, _image_decoder(args, profile), replica, replicas) if writes else None
+    bar = tqdm(total=sum(len(b) for b in mine) * profile.tokens_per_image, unit="token", desc="sampling",
+               disable=not writes or replica > 0)
+    fail_after = _fail_after()
     try:
-        for start in range(0, len(prompts), mbs):
-            batch = slice(start, start + mbs)
-            codes = sample_image_tokens(decoder, profile, prompts[batch], seeds[batch], args.sampling,
-                                        progress=lambda _: bar.update(len(prompts[batch])))
+        for count, batch in enumerate(mine, 1):
+            ids = list(batch)
+            codes = sample_image_tokens(decoder, profile, [prompts[i] for i in ids], [seeds[i] for i in ids],
+                                        args.sampling, progress=lambda _: bar.update(len(ids)))
             if writer is not None:
-                writer.add(codes, [{**c.record(), "seed": s} for c, s in zip(conditions[batch], seeds[batch])])
+                writer.add(codes, [{**conditions[i].record(), "seed": seeds[i]} for i in ids], ids)
+            if fail_after is not None and count >= fail_after:
+                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
-    batches = math.ceil(len(prompts) / mbs)
-    if writes:
-        logger.info("wrote %d images (%d batches) to %s", len(prompts), batches, args.out_dir)
-    return {"images": len(prompts), "batches": batches, "out_dir": args.out_dir}
+    _barrier()
+    if first_rank:
+        merge(args.out_dir, len(prompts), args.grid_nrow)
+        os.remove(os.path.join(args.out_dir, PLAN_FILE))
+        logger.info("wrote %d images (%d batches, %d replicas) to %s", len(prompts), len(batches), replicas,
+                    args.out_dir)
+    return {"images": len(prompts), "batches": len(batches), "out_dir": args.out_dir}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

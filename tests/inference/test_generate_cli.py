@@ -122,3 +122,54 @@ def test_unconditional_refuses_guidance(model, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--load", str(model.checkpoint), "--unconditional", "--cfg-scale", "2", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+# ----------------------------------------------------------------------------- data parallelism and resume
+DP_FLAGS = ("--num-samples", "3", "--cfg-scale", "2", "--top-k", "16", "--seed", "3", "--micro-batch-size", "2")
+
+
+def torchrun_generate(nproc: int, *flags: str, **env) -> subprocess.CompletedProcess:
+    from arra_megatron.runtime.launch import free_port
+
+    run_env = {**os.environ, "ARRA_CPU_MODE": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           "--max-restarts=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", SCRIPT,
+                           *flags], capture_output=True, text=True, timeout=300, env=run_env, cwd=ROOT)
+
+
+def _outputs(out_dir) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def samples_dp1(model, prompts_file):
+    out = model.root / "samples_dp1"
+    proc = generate("--load", str(model.checkpoint), "--prompts", str(prompts_file), *DP_FLAGS, "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return out
+
+
+@pytest.mark.parametrize("nproc, layout", [(2, []), (4, ["--tensor-model-parallel-size", "2"])],
+                         ids=["DP2", "TP2xDP2"])
+def test_data_parallel_sampling_gives_the_same_images(samples_dp1, model, prompts_file, tmp_path, nproc, layout):
+    out = tmp_path / "samples"
+    proc = torchrun_generate(nproc, "--load", str(model.checkpoint), "--prompts", str(prompts_file), *DP_FLAGS,
+                             *layout, "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert [r["file"] for r in index(out)] == [f"{i:06d}.png" for i in range(6)]
+    assert _outputs(out) == _outputs(samples_dp1)  # PNGs, grid.png and samples.jsonl, byte for byte
+
+
+def test_interrupted_sampling_resumes_at_another_world_size(samples_dp1, model, prompts_file, tmp_path):
+    out = tmp_path / "samples"
+    flags = ("--load", str(model.checkpoint), "--prompts", str(prompts_file), *DP_FLAGS, "--out-dir", str(out))
+    proc = torchrun_generate(2, *flags, ARRA_GENERATE_FAIL_AFTER="1")  # each replica dies after one batch
+    assert proc.returncode != 0
+    written = len(list(out.glob("*.png")))  # 2 or 4: the first replica to die stops the other
+    assert not (out / "samples.jsonl").exists() and written in (2, 4)
+    changed = generate(*flags[:-2], "--seed", "4", "--out-dir", str(out))
+    assert changed.returncode == 2 and "unfinished run with other settings (changed: ['seeds'])" in changed.stderr
+    resumed = generate(*flags)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert f"{written} of 6 images written earlier" in resumed.stderr
+    assert _outputs(out) == _outputs(samples_dp1)
