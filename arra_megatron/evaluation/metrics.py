@@ -50,6 +50,38 @@ REPORT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------- FID
+class FeatureMoments:
+    """Count, mean and scatter matrix of features seen batch by batch (float64), so a FID over any
+    number of images needs O(D^2) memory, not O(N D). Batches are combined with Chan et al.'s
+    pairwise update (stable when the features share a large offset, as post-ReLU features do)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Optional[np.ndarray] = None
+        self.scatter: Optional[np.ndarray] = None
+
+    def update(self, features: torch.Tensor) -> None:
+        x = features.detach().double().cpu().numpy()
+        if x.ndim != 2 or not len(x):
+            return
+        mean = x.mean(axis=0)
+        centred = x - mean
+        self.combine(len(x), mean, centred.T @ centred)
+
+    def combine(self, n: int, mean: np.ndarray, scatter: np.ndarray) -> None:
+        if self.n == 0:
+            self.n, self.mean, self.scatter = n, mean.copy(), scatter.copy()
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.scatter += scatter + np.outer(delta, delta) * (self.n * n / total)
+        self.mean += delta * (n / total)
+        self.n = total
+
+    def covariance(self) -> np.ndarray:
+        return self.scatter / (self.n - 1)
+
+
 @dataclass
 class FeatureStats:
     """Mean and covariance of a feature set (float64), with the net that produced them."""
@@ -61,12 +93,15 @@ class FeatureStats:
 
     @classmethod
     def from_features(cls, features: torch.Tensor, feature_net: Dict[str, str]) -> "FeatureStats":
-        from torch_fidelity.metric_fid import fid_features_to_statistics
+        moments = FeatureMoments()
+        moments.update(features)
+        return cls.from_moments(moments, feature_net)
 
-        if features.dim() != 2 or features.shape[0] < 2:
-            raise ValueError(f"FID needs at least 2 images' features, got {tuple(features.shape)}")
-        stats = fid_features_to_statistics(features.double().cpu())
-        return cls(stats["mu"], stats["sigma"], int(features.shape[0]), dict(feature_net))
+    @classmethod
+    def from_moments(cls, moments: FeatureMoments, feature_net: Dict[str, str]) -> "FeatureStats":
+        if moments.n < 2:
+            raise ValueError(f"FID needs at least 2 images' features, got {moments.n}")
+        return cls(moments.mean.copy(), moments.covariance(), moments.n, dict(feature_net))
 
     def save(self, path: str | Path) -> None:
         """``.npz`` with ``mu``, ``sigma`` (the keys other tools read), ``num_images`` and ``feature_net``
@@ -270,16 +305,15 @@ class _Pass:
     files: List[Path]
     used: List[int]
     skips: SkipLog
-    features: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
+    moments: Optional[FeatureMoments] = None   # of the FID features, accumulated batch by batch
+    logits: Optional[torch.Tensor] = None      # IS logits [N, classes] (the splits need them all)
 
 
 @torch.no_grad()
 def _extract(folder: str, files: List[Path], flag: str, net: Optional[torch.nn.Module], cfg: EvalConfig,
              device: torch.device, clip: Any = None, prompts: Optional[List[str]] = None) -> _Pass:
     """Decode ``files`` once; run the feature net (features, logits) and update CLIP-Score on each batch."""
-    result = _Pass(files=files, used=[], skips=SkipLog())
-    features: List[torch.Tensor] = []
+    result = _Pass(files=files, used=[], skips=SkipLog(), moments=FeatureMoments() if net is not None else None)
     logits: List[torch.Tensor] = []
     size = cfg.image_size if flag == "--ref" else None
     batches = iterate_images(files, result.skips, cfg.batch_size, cfg.workers, size,
@@ -298,14 +332,13 @@ def _extract(folder: str, files: List[Path], flag: str, net: Optional[torch.nn.M
             if clip is not None:
                 clip.update(list(stacked.to(device)), [prompts[indices[p]] for p in positions])
         if net is not None:
-            features.append(torch.stack(batch_features))
+            result.moments.update(torch.stack(batch_features))
             if batch_logits[0] is not None:
                 logits.append(torch.stack(batch_logits))
         result.used.extend(indices)
     if not result.used:
         raise ValueError(f"{flag} {folder}: none of the {len(files)} image files could be decoded "
                          f"({dict(result.skips.counts)})")
-    result.features = torch.cat(features) if features else None
     result.logits = torch.cat(logits) if logits else None
     return result
 
@@ -349,7 +382,7 @@ def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
                                "feature_net": reference.feature_net}
     elif fid_net is not None:
         ref_pass = _extract(cfg.ref, ref_files, "--ref", fid_net, cfg, device)
-        reference = FeatureStats.from_features(ref_pass.features, fid_net.identity)
+        reference = FeatureStats.from_moments(ref_pass.moments, fid_net.identity)
         report["reference"] = {"kind": "folder", "image_size": cfg.image_size, **_folder_summary(cfg.ref, ref_pass)}
         if cfg.save_ref_stats:
             reference.save(cfg.save_ref_stats)
@@ -369,7 +402,7 @@ def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
     report["generated"] = _folder_summary(cfg.generated, gen)
     out = report["metrics"]
     if "fid" in metrics:
-        out["fid"] = frechet_distance(FeatureStats.from_features(gen.features, fid_net.identity), reference)
+        out["fid"] = frechet_distance(FeatureStats.from_moments(gen.moments, fid_net.identity), reference)
     if "is" in metrics:
         out["inception_score"], out["inception_score_std"] = inception_score(gen.logits, cfg.is_splits, seed=2020)
     if clip is not None:

@@ -161,3 +161,22 @@ def test_clip_score_is_torchmetrics_definition_on_open_clip(clip_dir, tmp_path):
     assert cos.abs().min() > 1e-3 and cos.std() > 1e-3  # a real spread of values, not all zero
     assert float(metric.score / metric.n_samples / 100) == pytest.approx(float(cos.mean()), abs=1e-5)
     assert float(metric.compute()) == pytest.approx(max(100 * float(cos.mean()), 0.0), abs=1e-3)
+
+
+def test_streamed_moments_equal_torch_fidelitys_statistics_of_the_whole_set():
+    """FID statistics accumulated batch by batch (O(D^2) memory) equal torch-fidelity's of all
+    features at once, also with a large common offset (post-ReLU features)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from arra_megatron.evaluation.metrics import FeatureMoments
+
+    gen = torch.Generator().manual_seed(0)
+    features = 50.0 + torch.randn(1003, 24, generator=gen) * torch.linspace(0.01, 3.0, 24)
+    moments = FeatureMoments()
+    for batch in features.split(97):
+        moments.update(batch)
+    expected = fid_features_to_statistics(features.double())
+    stats = FeatureStats.from_moments(moments, {"name": "x"})
+    assert stats.num_images == 1003
+    np.testing.assert_allclose(stats.mu, expected["mu"], rtol=1e-13)
+    np.testing.assert_allclose(stats.sigma, expected["sigma"], rtol=1e-9, atol=1e-12)
