@@ -26,6 +26,10 @@ Examples:
         --fid-feature-net xrv:/models/xrv-densenet121-all.pt --clip-model /models/BiomedCLIP \\
         --metrics fid clip-score ms-ssim
 
+    # 50,000 images on every GPU of a node (each process scores every 8th image; one report)
+    torchrun --nproc-per-node 8 tools/evaluate.py --generated samples_50k/ --ref VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights weights/weights-inception-2015-12-05-6726825d.pth --device cuda
+
     # FID in the features of your own network (a function in a module on PYTHONPATH)
     PYTHONPATH=examples/study python tools/evaluate.py --generated samples/ --ref real/ --metrics fid \\
         --fid-feature-net python:arra_study_nets:mobilenetv2_imagenet
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -90,6 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, ValueError, ImportError) as error:
         logger.error("%s", error)
         return 2
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: every process has the report; one writes it
+        return 0
     output = args.output or (str(Path(args.generated) / "evaluation.json") if args.generated else None)
     if output:
         write_json_atomic(output, report)

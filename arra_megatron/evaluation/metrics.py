@@ -309,16 +309,26 @@ class _Pass:
     logits: Optional[torch.Tensor] = None      # IS logits [N, classes] (the splits need them all)
 
 
+def _world() -> Tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def _extract(folder: str, files: List[Path], flag: str, net: Optional[torch.nn.Module], cfg: EvalConfig,
              device: torch.device, clip: Any = None, prompts: Optional[List[str]] = None) -> _Pass:
-    """Decode ``files`` once; run the feature net (features, logits) and update CLIP-Score on each batch."""
+    """Decode ``files`` once; run the feature net (features, logits) and update CLIP-Score on each batch.
+    Under torchrun each process takes every world-th file and the results are gathered."""
+    rank, world = _world()
+    mine = list(range(rank, len(files), world))
     result = _Pass(files=files, used=[], skips=SkipLog(), moments=FeatureMoments() if net is not None else None)
     logits: List[torch.Tensor] = []
     size = cfg.image_size if flag == "--ref" else None
-    batches = iterate_images(files, result.skips, cfg.batch_size, cfg.workers, size,
-                             progress=f"{flag.lstrip('-')} images" if cfg.progress else None)
-    for indices, images in batches:
+    batches = iterate_images([files[i] for i in mine], result.skips, cfg.batch_size, cfg.workers, size,
+                             progress=f"{flag.lstrip('-')} images" if cfg.progress and rank == 0 else None)
+    for local, images in batches:
+        indices = [mine[i] for i in local]
         tensors = to_uint8(images)
         batch_features: List[Optional[torch.Tensor]] = [None] * len(tensors)
         batch_logits: List[Optional[torch.Tensor]] = [None] * len(tensors)
@@ -336,6 +346,8 @@ def _extract(folder: str, files: List[Path], flag: str, net: Optional[torch.nn.M
             if batch_logits[0] is not None:
                 logits.append(torch.stack(batch_logits))
         result.used.extend(indices)
+    if world > 1:
+        _gather(result, logits)
     if not result.used:
         raise ValueError(f"{flag} {folder}: none of the {len(files)} image files could be decoded "
                          f"({dict(result.skips.counts)})")
@@ -343,13 +355,49 @@ def _extract(folder: str, files: List[Path], flag: str, net: Optional[torch.nn.M
     return result
 
 
+def _gather(result: _Pass, logits: List[torch.Tensor]) -> None:
+    """Every process's share into one ``_Pass`` on every process: moments combined in rank order,
+    used files and IS logits in file order, skips merged."""
+    local = {"used": result.used, "logits": torch.cat(logits) if logits else None,
+             "moments": None if result.moments is None or not result.moments.n else
+             (result.moments.n, result.moments.mean, result.moments.scatter),
+             "skips": (dict(result.skips.counts), result.skips.files)}
+    shares = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shares, local)
+    if result.moments is not None:
+        result.moments = FeatureMoments()
+        for share in shares:
+            if share["moments"] is not None:
+                result.moments.combine(*share["moments"])
+    used = [i for share in shares for i in share["used"]]
+    order = np.argsort(used, kind="stable")
+    result.used = [used[i] for i in order]
+    parts = [share["logits"] for share in shares if share["logits"] is not None]
+    logits.clear()
+    if parts:
+        logits.append(torch.cat(parts)[torch.from_numpy(order)])
+    result.skips = SkipLog()
+    for share in shares:
+        counts, listed = share["skips"]
+        result.skips.counts.update(counts)
+        for reason, paths in listed.items():
+            result.skips.files.setdefault(reason, []).extend(paths)
+
+
 def _folder_summary(path: str, run: _Pass) -> Dict[str, Any]:
     return {"path": str(path), "images": len(run.files), "used": len(run.used), **run.skips.to_dict()}
 
 
 def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
-    """Run the asked metrics; returns the report (``tools/evaluate.py`` writes it as JSON)."""
+    """Run the asked metrics; returns the report (``tools/evaluate.py`` writes it as JSON).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes share every pass over the images (one GPU
+    each, ``LOCAL_RANK``); the report is the same on every process."""
     device = torch.device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     metrics = set(cfg.metrics) if cfg.generated else set()
     fid = "fid" in metrics or bool(cfg.save_ref_stats)
     # Inputs first, networks after: a wrong folder, statistics file or prompts index fails
@@ -385,7 +433,8 @@ def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
         reference = FeatureStats.from_moments(ref_pass.moments, fid_net.identity)
         report["reference"] = {"kind": "folder", "image_size": cfg.image_size, **_folder_summary(cfg.ref, ref_pass)}
         if cfg.save_ref_stats:
-            reference.save(cfg.save_ref_stats)
+            if _world()[0] == 0:
+                reference.save(cfg.save_ref_stats)
             report["reference"]["saved_stats"] = cfg.save_ref_stats
             logger.info("wrote reference statistics of %d images to %s", reference.num_images, cfg.save_ref_stats)
     if not metrics:
@@ -410,7 +459,7 @@ def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
         out["clip_cosine"] = float(clip.score / clip.n_samples / 100)
         report["settings"]["clip_model"] = str(Path(cfg.clip_model).resolve())
         report["settings"]["prompts"] = str(prompts_path)
-    if "ms-ssim" in metrics:
+    if "ms-ssim" in metrics and _world()[0] == 0:  # a few hundred pairs: one process
         usable = [gen.files[i] for i in gen.used]
         pairs = random_pairs(len(usable), cfg.ms_ssim_pairs, cfg.seed)
         out["ms_ssim"] = ms_ssim_of_pairs(usable, pairs, cfg.batch_size, device, cfg.progress)
