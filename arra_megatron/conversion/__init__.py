@@ -1,1 +1,2 @@
-"""Megatron-Core <-> Hugging Face checkpoints, one module per model family (llama.py)."""
+"""Megatron-Core <-> Hugging Face checkpoints: the directory and sharding logic (checkpoint.py) and one
+module per model family (llama.py, chameleon.py)."""

@@ -40,7 +40,7 @@ class TargetEncoder(abc.ABC):
     def __init__(self, model: torch.nn.Module, path: str | Path, aggregation: str, spec: PreprocessSpec,
                  device: torch.device | str = "cpu", bf16: bool = False, content_hash: str = "") -> None:
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation {aggregation!r} unknown; use one of {AGGREGATIONS} (--arra-target-aggregation)")
+            raise ValueError(f"aggregation {aggregation!r} unknown; use one of {AGGREGATIONS} (--arra-aggregation, --encoder-aggregation)")
         if aggregation not in self.supported:
             raise ValueError(self._unsupported_message(aggregation))
         device = torch.device(device)
