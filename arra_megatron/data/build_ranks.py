@@ -63,11 +63,15 @@ class BuildRank:
                   f"{env.get('TORCHELASTIC_RUN_ID', '')}"
             return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), job, "torchrun")
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]), 0,
-                       f"slurm-array:{env.get('SLURM_ARRAY_JOB_ID', '')}", "SLURM array")
-        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+            first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+            count = int(env["SLURM_ARRAY_TASK_COUNT"])
+            # --array=0-30:2 numbers tasks 0, 2, ..., 30; a list such as 1,5,7 has no step: any id fits
+            rank = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // max(step, 1)
+            return cls(rank % count, count, 0, f"slurm-array:{env.get('SLURM_ARRAY_JOB_ID', '')}", "SLURM array")
+        # A srun job step (srun sets SLURM_STEP_NUM_TASKS); the batch script itself, also given
+        # SLURM_NTASKS, is one process.
+        if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        f"slurm:{env.get('SLURM_JOB_ID', '')}:{env.get('SLURM_STEP_ID', '')}", "srun")
         return cls()
 
@@ -80,7 +84,8 @@ class BuildRank:
         """Part indices in the order this rank tries to claim them: its own share first
         (every world-th, from its rank), then the others' (to help a slow rank)."""
         own = indices[self.rank::self.world]
-        return own + [i for i in indices if i not in set(own)]
+        taken = set(own)
+        return own + [i for i in indices if i not in taken]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -130,18 +135,33 @@ class Claims:
         return False
 
     def release(self, name: str) -> None:
+        """Drop our claim on ``name`` (a claim another process took over stays)."""
         with self._lock:
+            if name not in self.held:
+                return
             self.held.discard(name)
-        try:
-            os.remove(self.path(name))
-        except FileNotFoundError:
-            pass
+        holder = self.holder(name)
+        if holder is not None and holder.get("id") == self.owner["id"]:
+            try:
+                os.remove(self.path(name))
+            except FileNotFoundError:
+                pass
 
     def holder(self, name: str) -> Optional[dict]:
         try:
             return json.loads(self.path(name).read_text())
         except (FileNotFoundError, ValueError):
             return None
+
+    def describe(self, name: str) -> str:
+        """Who holds ``name`` and how long ago the claim was last touched, for messages."""
+        holder = self.holder(name) or {}
+        try:
+            age = time.time() - self.path(name).stat().st_mtime
+        except FileNotFoundError:
+            return "nobody"
+        return (f"pid {holder.get('pid')} on {holder.get('host')} (rank {holder.get('rank')}), last heartbeat "
+                f"{age:.0f} s ago; taken over after {self.stale_after:.0f} s without one")
 
     def close(self) -> None:
         self._stop.set()
@@ -168,6 +188,19 @@ class Claims:
             if error.errno == errno.ENOENT:
                 return True
             raise
+        try:
+            moved = json.loads(aside.read_text())
+        except ValueError:
+            moved = {}
+        if holder and moved.get("id") != holder.get("id"):
+            # Another process took the stale claim over between our look and our rename: that
+            # fresh claim is theirs. Put it back (unless a third process claimed meanwhile).
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+            os.remove(aside)
+            return False
         os.remove(aside)
         logger.warning("took over %s from %s (%s)", path.name, holder or "an unreadable claim",
                        "its process is gone" if dead_here else f"no heartbeat for {age:.0f} s")

@@ -39,7 +39,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import time
 import uuid
 from collections import Counter
@@ -58,8 +57,9 @@ from arra_megatron.data.dali_pipeline import make_image_preprocessor
 from arra_megatron.data.image_refs import IMAGE_REF_DTYPE, ImageRefTable, read_image_bytes
 from arra_megatron.data.readers import SKIP_REASONS, InputSource, decode_sample, open_source
 from arra_megatron.encoders import TargetEncoder, load_encoder
-from arra_megatron.fileio import write_json_atomic
+from arra_megatron.fileio import check_json_plan, write_json_atomic
 from arra_megatron.runtime.capabilities import resolve_device
+from arra_megatron.runtime.faults import kill_after
 from arra_megatron.tokenization.image import ImageTokenizer
 from arra_megatron.tokenization.profile import NUM_FRAME_TOKENS, TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
@@ -326,29 +326,18 @@ def _devices(config: BuildConfig, rank: BuildRank) -> List[str]:
     return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
 
 
-def _fail_after() -> Optional[int]:
-    """Fault injection for tests: ``ARRA_BUILD_FAIL_AFTER=RANK:N`` kills that rank (``*``: every rank)
-    with SIGKILL after it finished N parts, as an OOM kill or a lost node would."""
-    spec = os.environ.get("ARRA_BUILD_FAIL_AFTER")
-    if not spec:
-        return None
-    rank, count = spec.split(":")
-    return int(count) if rank == "*" or int(rank) == BuildRank.from_env().rank else None
-
-
 def _run_parts(todo: Iterator[PartSpec], config: BuildConfig, paths: OutputPaths, in_process: _Worker,
                rank: BuildRank, on_part: Callable[[Dict[str, Any]], None], bar: tqdm) -> None:
     """Build the parts ``todo`` yields (claimed one at a time, as a worker is free): in this process
     for --workers 1, else in a spawned process pool."""
     devices = _devices(config, rank)
-    fail_after, finished = _fail_after(), 0
+    finished = 0
 
     def finish(marker: Dict[str, Any]) -> None:
         nonlocal finished
         finished += 1
         on_part(marker)
-        if fail_after is not None and finished >= fail_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_after("ARRA_BUILD_FAIL_AFTER", finished, rank.rank)
 
     if config.workers <= 1:
         if devices[0] != "cpu":
@@ -398,15 +387,8 @@ def _prepare_output(paths: OutputPaths, overwrite: bool) -> None:
 
 def _check_plan(paths: OutputPaths, plan: Dict[str, Any]) -> None:
     """A resumed build must have the plan of the parts already on disk, else its result would mix two builds."""
-    plan = json.loads(json.dumps(plan))  # the form it has after a JSON round trip
-    if paths.plan.exists():
-        previous = json.loads(paths.plan.read_text())
-        if previous != plan:
-            changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
-            raise ValueError(f"{paths.parts_dir} holds parts of a build with other settings or inputs "
-                             f"(changed: {changed}); pass --overwrite to start over")
-    else:
-        write_json_atomic(paths.plan, plan)
+    check_json_plan(paths.plan, plan, f"{paths.parts_dir} holds parts of a build with other settings or inputs; "
+                                      "pass --overwrite to start over")
 
 
 def _merge(parts: Sequence[PartSpec], markers: Sequence[Dict[str, Any]], paths: OutputPaths,
@@ -545,19 +527,31 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
     try:
         with Claims(paths.parts_dir, rank) as claims:
             if not _build_claimed_parts(parts, config, paths, worker, rank, claims, source.kind == "tar", profile,
-                                        dtype) or not claims.try_claim("merge"):
+                                        dtype):
+                return None
+            if not claims.try_claim("merge"):
+                logger.info("%s: every part is finished; another process is merging them (%s). If it died, "
+                            "rerun this command once its claim is taken over.", paths.prefix, claims.describe("merge"))
                 return None
             if os.path.exists(paths.manifest):  # merged by another process meanwhile
                 return json.loads(Path(paths.manifest).read_text())
             manifest = _finish(parts, config, paths, dtype, features, description, profile)
+            _remove_tree(paths.parts_dir)  # still holding the merge claim
     except FileNotFoundError:
         if not os.path.exists(paths.manifest):
             raise
         logger.info("%s: finished by another process of this build", paths.prefix)
         return json.loads(Path(paths.manifest).read_text())
-    shutil.rmtree(paths.parts_dir)
     logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
     return manifest
+
+
+def _remove_tree(directory: Path) -> None:
+    """Rename, then delete: a process that looks into ``directory`` meanwhile finds it gone at once,
+    instead of creating a claim in a half-deleted tree."""
+    trash = directory.with_name(f"{directory.name}.removed-{uuid.uuid4().hex[:12]}")
+    os.rename(directory, trash)
+    shutil.rmtree(trash)
 
 
 def _part_done(paths: OutputPaths, index: int) -> bool:
@@ -579,10 +573,12 @@ def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: Outp
     remaining = sum(p.stop - p.start for p in parts if not _part_done(paths, p.index))
     total = None if unknown_total or rank.world > 1 else remaining
     skipped: Counter = Counter()
-    counted = {"at": 0.0, "done": finished_before}
+    counted = {"at": 0.0, "done": finished_before, "samples": 0, "started": time.monotonic()}
 
     def on_part(marker: Dict[str, Any]) -> None:
+        claims.release(paths.part(marker["part"]).rsplit("/", 1)[-1])
         skipped.update(marker["skipped"])
+        counted["samples"] += marker["num_samples"] + sum(marker["skipped"].values())
         now = time.monotonic()
         if now - counted["at"] > 30 or rank.world == 1:  # a directory scan, at most every 30 s
             counted.update(at=now, done=sum(_part_done(paths, p.index) for p in parts))
@@ -590,8 +586,8 @@ def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: Outp
             counted["done"] += 1
         bar.set_postfix(parts=f"{counted['done']}/{len(parts)}", skipped=sum(skipped.values()), refresh=False)
         if rank.world > 1:
-            rate = bar.format_dict["n"] / max(bar.format_dict["elapsed"], 1e-9)
-            logger.info("rank %d: part %d done; %d of %d parts finished, %.1f samples/s here, %d inputs skipped "
+            rate = counted["samples"] / max(time.monotonic() - counted["started"], 1e-9)
+            logger.info("rank %d: part %d done; %d of %d parts finished, %.1f inputs/s here, %d inputs skipped "
                         "here so far", rank.rank, marker["part"], counted["done"], len(parts), rate,
                         sum(skipped.values()))
 
@@ -664,6 +660,9 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
                                 "(build it with tools/build_indexed_dataset.py)")
     manifest = json.loads(Path(paths.manifest).read_text())
     rank = BuildRank.from_env()
+    if rank.world > 1 and overwrite:
+        raise ValueError(f"--overwrite with {rank.world} processes ({rank.launcher}): a process starting after "
+                         "the table is written would compute it again; run the --overwrite once as one process")
     table = ImageRefTable.load(prefix)
     num_rows = int(manifest["num_samples"])
     if len(table) != num_rows:
@@ -674,6 +673,7 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     settings = json.loads(json.dumps({"encoder": featurizer.encoder.identity, "batch_size": featurizer.batch_size,
                                       "num_rows": num_rows}))  # as read back from JSON
     parts_dir = Path(f"{paths.features}.parts")
+    manifest = json.loads(Path(paths.manifest).read_text())  # again: loading the encoder took a while
     old = manifest.get("features")
     if old and rank.world > 1 and not parts_dir.exists() and old.get("encoder") == settings["encoder"] \
             and old.get("aggregation") == aggregation:
@@ -682,17 +682,7 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     if old and not overwrite:
         raise FileExistsError(f"{paths.manifest} already has features ({old['encoder']['name']}, "
                               f"{old['aggregation']}); pass --overwrite to replace them")
-    chunk = featurizer.batch_size * batches_per_checkpoint
-    parts_dir.mkdir(exist_ok=True)
-    previous = json.loads((parts_dir / "plan.json").read_text()) if (parts_dir / "plan.json").is_file() else None
-    if previous is not None and {k: v for k, v in previous.items() if k != "chunk_rows"} == settings:
-        chunk = previous["chunk_rows"]  # a rerun keeps the chunking it started with
-    elif previous is not None:
-        logger.info("%s holds chunks of another encoder or batch size: starting over", parts_dir)
-        shutil.rmtree(parts_dir)
-        parts_dir.mkdir()
-    write_json_atomic(parts_dir / "plan.json", {**settings, "chunk_rows": chunk})
-    _adopt_old_progress(paths, settings, parts_dir, chunk)
+    chunk = _prepare_chunks(paths, parts_dir, settings, featurizer.batch_size * batches_per_checkpoint, rank)
     ranges = {f"chunk-{i:05d}": (begin, min(begin + chunk, num_rows))
               for i, begin in enumerate(range(0, num_rows, chunk))}
     done = lambda name: (parts_dir / f"{name}.json").is_file()  # noqa: E731
@@ -722,13 +712,41 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
                             len(names))
                 return None
             if not claims.try_claim("merge"):
+                logger.info("%s: every chunk is computed; another process is writing the table (%s)", parts_dir,
+                            claims.describe("merge"))
                 return None
+            if json.loads(Path(paths.manifest).read_text()).get("features") != manifest.get("features"):
+                return json.loads(Path(paths.manifest).read_text())  # written by another process meanwhile
             return _write_feature_table(paths, manifest, featurizer, parts_dir, names)
     except FileNotFoundError:
         if parts_dir.exists() or not json.loads(Path(paths.manifest).read_text()).get("features"):
             raise
         logger.info("%s: written by another process of this run", paths.features)
         return json.loads(Path(paths.manifest).read_text())
+
+
+def _prepare_chunks(paths: OutputPaths, parts_dir: Path, settings: dict, chunk: int, rank: BuildRank) -> int:
+    """Set up (or keep) ``parts_dir`` for ``settings``; returns the chunk size in rows. The processes
+    take turns (the ``setup`` claim); the setup is idempotent, so the later ones only confirm it."""
+    parts_dir.mkdir(exist_ok=True)
+    plan_file = parts_dir / "plan.json"
+    deadline = time.monotonic() + 3600
+    with Claims(parts_dir, rank) as setup:
+        while not setup.try_claim("setup"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{parts_dir}: waited an hour for {setup.describe('setup')}")
+            time.sleep(0.5)
+        previous = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+        if previous is not None and {k: v for k, v in previous.items() if k != "chunk_rows"} == settings:
+            chunk = previous["chunk_rows"]  # a rerun keeps the chunking it started with
+        elif previous is not None:
+            logger.info("%s holds chunks of another encoder or batch size: starting over", parts_dir)
+            for entry in parts_dir.iterdir():
+                if entry.name.startswith("chunk-") or entry.name == "plan.json":
+                    entry.unlink()
+        _adopt_old_progress(paths, settings, parts_dir, chunk)
+        write_json_atomic(plan_file, {**settings, "chunk_rows": chunk})
+    return chunk
 
 
 def _adopt_old_progress(paths: OutputPaths, settings: dict, parts_dir: Path, chunk: int) -> None:
@@ -746,7 +764,9 @@ def _adopt_old_progress(paths: OutputPaths, settings: dict, parts_dir: Path, chu
             if end > done_rows:
                 break
             block = np.asarray(rows[begin:end])
-            np.save(parts_dir / f"chunk-{i:05d}.npy", block)
+            tmp = parts_dir / f"chunk-{i:05d}.tmp-{uuid.uuid4().hex[:12]}.npy"
+            np.save(tmp, block)
+            os.replace(tmp, parts_dir / f"chunk-{i:05d}.npy")
             write_json_atomic(parts_dir / f"chunk-{i:05d}.json", {
                 "rows": [begin, end], "samples_without_target": int(np.isnan(block).any(axis=1).sum())})
         logger.info("%s: adopted %d rows computed by an earlier version", partial, done_rows)
@@ -776,7 +796,7 @@ def _write_feature_table(paths: OutputPaths, manifest: Dict[str, Any], featurize
     manifest["features"] = featurizer.manifest_entry(f"{name}.features.npy", num_rows, missing)
     manifest["files"]["features"] = f"{name}.features.npy"
     write_json_atomic(paths.manifest, manifest)
-    shutil.rmtree(parts_dir)
+    _remove_tree(parts_dir)
     logger.info("wrote %s: %d x %d float16, %d samples without an ARRA target (NaN rows)", paths.features,
                 num_rows, featurizer.dim, missing)
     return manifest

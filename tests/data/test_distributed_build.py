@@ -49,8 +49,11 @@ def _built_parts(log: str) -> list:
      (3, 8, 1, "torchrun")),
     ({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4",
       "SLURM_ARRAY_JOB_ID": "77"}, (2, 4, 0, "SLURM array")),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "9"}, (5, 16, 5, "srun")),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (0, 1, 0, "single process")),
+    ({"SLURM_ARRAY_TASK_ID": "30", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
+      "SLURM_ARRAY_TASK_COUNT": "16"}, (15, 16, 0, "SLURM array")),  # --array=0-30:2
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
+      "SLURM_JOB_ID": "9"}, (5, 16, 5, "srun")),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0, "single process")),  # the batch script itself
 ])
 def test_rank_from_the_launchers_environment(env, expected):
     rank = BuildRank.from_env(env)
@@ -84,6 +87,12 @@ def test_claims_are_exclusive_and_dead_or_silent_holders_are_replaced(tmp_path):
         os.utime(tmp_path / "part-00004.claim", (old, old))
         assert b.try_claim("part-00004")
         assert b.holder("part-00004")["pid"] == os.getpid() and b.holder("part-00004")["rank"] == 1
+        # a's claim taken over by b (a stopped its heartbeat): a's release leaves b's claim alone
+        assert a.try_claim("part-00005")
+        os.utime(tmp_path / "part-00005.claim", (old, old))
+        assert b.try_claim("part-00005")
+        a.release("part-00005")
+        assert b.holder("part-00005")["rank"] == 1
     finally:
         a.close()
         b.close()
