@@ -322,7 +322,7 @@ def _devices(config: BuildConfig, rank: BuildRank) -> List[str]:
     if resolve_device(config.device) == "cpu":
         return ["cpu"] * workers
     if rank.world > 1:
-        return [f"cuda:{rank.local_rank % torch.cuda.device_count()}"] * workers
+        return [resolve_device("cuda", local_rank=rank.local_rank)] * workers
     return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
 
 
@@ -667,8 +667,8 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     num_rows = int(manifest["num_samples"])
     if len(table) != num_rows:
         raise ValueError(f"{paths.images} has {len(table)} rows but {paths.manifest} says {num_rows} samples")
-    if rank.world > 1 and device == "cuda":  # one process per GPU
-        device = f"cuda:{rank.local_rank % torch.cuda.device_count()}"
+    if rank.world > 1:  # one process per GPU
+        device = resolve_device(device, local_rank=rank.local_rank)
     featurizer = TargetFeaturizer.load(encoder, aggregation, batch_size, device, num_threads)
     settings = json.loads(json.dumps({"encoder": featurizer.encoder.identity, "batch_size": featurizer.batch_size,
                                       "num_rows": num_rows}))  # as read back from JSON

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from arra_megatron.evaluation.feature_nets import (INCEPTION_WEIGHTS_REQUIRED, FeatureNet, InceptionFeatures,
                                                    load_feature_net)
-from arra_megatron.evaluation.images import (PROMPTS_FILE, SkipLog, iterate_images, list_images, read_image,
-                                             read_prompts, stack_by_shape, to_uint8)
+from arra_megatron.evaluation.images import (MAX_LISTED_SKIPS, PROMPTS_FILE, SkipLog, iterate_images, list_images,
+                                             read_image, read_prompts, stack_by_shape, to_uint8)
 from arra_megatron.runtime.capabilities import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -382,6 +382,8 @@ def _gather(result: _Pass, logits: List[torch.Tensor]) -> None:
         result.skips.counts.update(counts)
         for reason, paths in listed.items():
             result.skips.files.setdefault(reason, []).extend(paths)
+    for reason, paths in result.skips.files.items():  # as one process lists them: the first, in file order
+        result.skips.files[reason] = sorted(paths)[:MAX_LISTED_SKIPS]
 
 
 def _folder_summary(path: str, run: _Pass) -> Dict[str, Any]:
@@ -395,9 +397,12 @@ def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
     each, ``LOCAL_RANK``); the report is the same on every process."""
     device = torch.device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        if device.type == "cuda":  # this process's GPU before NCCL starts (its buffers live there)
+            device = torch.device(resolve_device("cuda", local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
     metrics = set(cfg.metrics) if cfg.generated else set()
     fid = "fid" in metrics or bool(cfg.save_ref_stats)
     # Inputs first, networks after: a wrong folder, statistics file or prompts index fails

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
 import sys
 from typing import List, Optional, Sequence
 
@@ -166,41 +164,17 @@ def _image_decoder(args, profile):
     return ChameleonVQGANDecoder.from_checkpoint(args.vqgan_checkpoint, tokenizer.model.config).decode
 
 
-def _check_plan(out_dir: str, plan: dict, first_rank: bool) -> None:
-    """An unfinished --out-dir must be continued with the same request (the images already there stay).
-    Every rank checks (so all fail alike, before any sampling); the first writes the plan of a new run."""
-    from arra_megatron.fileio import write_json_atomic
-
-    path = os.path.join(out_dir, PLAN_FILE)
-    plan = json.loads(json.dumps(plan))
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != plan:
-            changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
-            raise ValueError(f"--out-dir {out_dir} holds an unfinished run with other settings (changed: "
-                             f"{changed}); choose a new directory or rerun the same command")
-    elif first_rank:
-        os.makedirs(out_dir, exist_ok=True)
-        write_json_atomic(path, plan)
-
-
-def _fail_after() -> Optional[int]:
-    """Fault injection for tests: ``ARRA_GENERATE_FAIL_AFTER=N`` kills every process (SIGKILL) after
-    it wrote N batches, as a lost node would."""
-    value = os.environ.get("ARRA_GENERATE_FAIL_AFTER")
-    return int(value) if value else None
-
-
 def run(args: argparse.Namespace) -> dict:
     """Sample every requested image; returns a summary (on every rank; files from the writing ranks)."""
     from tqdm import tqdm
 
+    from arra_megatron.conversion.checkpoint import resolve_checkpoint
+    from arra_megatron.fileio import check_json_plan
     from arra_megatron.inference.output import SampleWriter, merge, recorded
+    from arra_megatron.runtime.faults import kill_after
 
     checkpoint_args = None
     if args.load:
-        from arra_megatron.conversion.checkpoint import resolve_checkpoint
         from arra_megatron.inference.megatron_decoder import saved_args
 
         checkpoint_args = saved_args(resolve_checkpoint(args.load))
@@ -220,9 +194,16 @@ def run(args: argparse.Namespace) -> dict:
     mbs = args.micro_batch_size
     decoder, writes, replica, replicas = _decoder(args)
     first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    _check_plan(args.out_dir, {"load": args.load, "hf": args.hf, "conditions": [c.record() for c in conditions],
-                               "seeds": seeds, "sampling": {k: getattr(args, k) for k in SAMPLING_FLAGS},
-                               "micro_batch_size": mbs}, first_rank)
+    # The request of this run, so that a rerun continues only the same one (every rank checks, the
+    # first writes it). The checkpoint is recorded resolved: a newer save in --load is another model.
+    model = os.path.abspath(args.hf) if args.hf else resolve_checkpoint(args.load)
+    check_json_plan(os.path.join(args.out_dir, PLAN_FILE), {
+        "model": model, "conditions": [c.record() for c in conditions], "seeds": seeds,
+        "sampling": {k: getattr(args, k) for k in SAMPLING_FLAGS}, "micro_batch_size": mbs,
+        "tokenizers": {k: getattr(args, k) for k in ("data_path", "image_tokenizer", "text_tokenizer",
+                                                     "vqgan_checkpoint")}},
+        f"--out-dir {args.out_dir} holds an unfinished run of another request; choose a new directory or rerun "
+        "the same command", write=first_rank)
     _barrier()
     done = recorded(args.out_dir)
     batches = [range(b, min(b + mbs, len(prompts))) for b in range(0, len(prompts), mbs)]
@@ -233,7 +214,6 @@ def run(args: argparse.Namespace) -> dict:
     writer = SampleWriter(args.out_dir, _image_decoder(args, profile), replica, replicas) if writes else None
     bar = tqdm(total=sum(len(b) for b in mine) * profile.tokens_per_image, unit="token", desc="sampling",
                disable=not writes or replica > 0)
-    fail_after = _fail_after()
     try:
         for count, batch in enumerate(mine, 1):
             ids = list(batch)
@@ -241,8 +221,7 @@ def run(args: argparse.Namespace) -> dict:
                                         args.sampling, progress=lambda _: bar.update(len(ids)))
             if writer is not None:
                 writer.add(codes, [{**conditions[i].record(), "seed": seeds[i]} for i in ids], ids)
-            if fail_after is not None and count >= fail_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_after("ARRA_GENERATE_FAIL_AFTER", count, replica)  # tests of the resume
     finally:
         bar.close()
         if writer is not None:
@@ -266,11 +245,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("megatron.core", "megatron"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from arra_megatron.conversion.common import ConversionError  # a --load without a complete checkpoint
+    from arra_megatron.inference.output import IncompleteSamples
 
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ConversionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ConversionError,
+            IncompleteSamples) as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
     finally:

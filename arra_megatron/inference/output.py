@@ -45,8 +45,9 @@ class SampleWriter:
     def __init__(self, out_dir: str, decode, replica: int = 0, replicas: int = 1):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.decode = out_dir, decode
-        self.index = open(os.path.join(out_dir, f"samples.part-{replica:05d}-of-{replicas:05d}.jsonl"), "a",
-                          encoding="utf-8")
+        path = os.path.join(out_dir, f"samples.part-{replica:05d}-of-{replicas:05d}.jsonl")
+        _cut_to_last_line(path)
+        self.index = open(path, "a", encoding="utf-8")
 
     def add(self, codes: torch.Tensor, records: Sequence[dict], indices: Sequence[int]) -> List[str]:
         """Decode ``[b, n]`` codes; write image ``indices[i]`` as a PNG, then the batch's index lines."""
@@ -61,6 +62,20 @@ class SampleWriter:
 
     def close(self) -> None:
         self.index.close()
+
+
+def _cut_to_last_line(path: str) -> None:
+    """Drop a last line cut by a crash, so the next record starts on a line of its own."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+class IncompleteSamples(RuntimeError):
+    """Some requested images are missing from the output directory after sampling."""
 
 
 def recorded(out_dir: str) -> Dict[int, dict]:
@@ -83,7 +98,7 @@ def merge(out_dir: str, total: int, grid_nrow: int = 8) -> None:
     found = recorded(out_dir)
     missing = [i for i in range(total) if i not in found]
     if missing:
-        raise RuntimeError(f"{out_dir}: {len(missing)} of {total} images missing after sampling "
+        raise IncompleteSamples(f"{out_dir}: {len(missing)} of {total} images missing after sampling "
                            f"(first: {image_name(missing[0])}); rerun the same command to finish them")
     tmp = os.path.join(out_dir, f"{INDEX_FILE}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:

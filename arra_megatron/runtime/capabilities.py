@@ -29,13 +29,16 @@ def has_gpu() -> bool:
         return False
 
 
-def resolve_device(name: str, flag: str = "--device") -> str:
+def resolve_device(name: str, flag: str = "--device", local_rank: int | None = None) -> str:
     """A ``--device`` value made concrete: ``auto`` is CUDA when a GPU is usable, else CPU;
-    ``cuda``/``cuda:N`` without a usable GPU is refused with the flag named."""
+    ``cuda``/``cuda:N`` without a usable GPU is refused with the flag named. With ``local_rank``
+    (one process per GPU: torchrun's LOCAL_RANK) a plain ``cuda`` becomes that process's GPU."""
     if name == "auto":
-        return "cuda" if has_gpu() else "cpu"
+        name = "cuda" if has_gpu() else "cpu"
     if name.startswith("cuda") and not has_gpu():
         raise ValueError(f"{flag} {name} but no CUDA device is visible")
+    if name == "cuda" and local_rank is not None:
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
     return name
 
 
