@@ -18,7 +18,7 @@ user sees them; ``--images`` sets how much it is amortised.
 
     .venv/bin/python tools/bench/scale.py --images 192 --processes 2
     .venv/bin/python tools/bench/scale.py --images 0 --load study/runs/cond-arra-s0/ckpt \\
-        --samples 2000 --sample-flags "--class-ids 0 1 2 3 4 5 6 7 8 9 --cfg-scale 1.5"
+        --samples 200 --sample-flags="--class-ids 0 1 2 3 4 5 6 7 8 9 --cfg-scale 1.5"
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main() -> None:
     p.add_argument("--data-path", help="its dataset prefix, when the checkpoint does not name one")
     p.add_argument("--samples", type=int, default=256, help="--num-samples per condition")
     p.add_argument("--micro-batch-size", type=int, default=64)
-    p.add_argument("--sample-flags", default="--unconditional", help="generate.py's condition and sampling flags")
+    p.add_argument("--sample-flags", default="--unconditional", help="generate.py's condition and sampling flags (give them with =, e.g. --sample-flags=--unconditional)")
     p.add_argument("--rate", type=float, help="images/s per process for the LAION-COCO arithmetic "
                                               "(default: the build's measured rate)")
     args = p.parse_args()
