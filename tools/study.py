@@ -482,13 +482,42 @@ def fid_iterations(scale: Scale, iters: int) -> List[int]:
 
 
 # ------------------------------------------------------------------------ 6. sampling, metrics
+def samples_dir(run_dir: Path, iteration: int, scale: Scale) -> Path:
+    """The samples of one checkpoint, keyed by their number (a FID depends on it): another
+    --fid-samples gets its own directory, FID reports and floors."""
+    return run_dir / f"samples_{iteration:07d}_n{scale.fid_samples}"
+
+
+def fid_report(run_dir: Path, net: str, iteration: int, scale: Scale) -> Path:
+    return run_dir / f"fid_{net}_{iteration:07d}_n{scale.fid_samples}.json"
+
+
+def migrate_unkeyed(out: Path) -> None:
+    """Give sample directories, FID reports and floors of earlier versions (named without the sample
+    count) the count they were made with, so a rerun finds them."""
+    for samples in sorted(out.glob("runs/*/samples_???????")):
+        if not (samples / "samples.jsonl").is_file():
+            continue
+        n = sum(1 for _ in open(samples / "samples.jsonl", encoding="utf-8"))
+        iteration = samples.name.split("_")[1]
+        for report in samples.parent.glob(f"fid_*_{iteration}.json"):
+            report.rename(report.with_name(f"{report.stem}_n{n}.json"))
+        samples.rename(samples.with_name(f"{samples.name}_n{n}"))
+    for folder in ("real_train", "vq_recon"):
+        path = out / "floors" / folder
+        if path.is_dir():
+            n = sum(1 for _ in path.rglob("*.png"))
+            for report in (out / "floors").glob(f"*_{folder}.json"):
+                report.rename(report.with_name(f"{report.stem}_n{n}.json"))
+            path.rename(path.with_name(f"{folder}_n{n}"))
+
+
 def sample_and_score(spec: RunSpec, run_dir: Path, args, scale: Scale, nets: Dict[str, str],
                      refs: Dict[str, Path], num_classes: int) -> None:
     iters = scale.limited_iters if spec.arm == "limited" else scale.train_iters
     for iteration in fid_iterations(scale, iters):
-        samples = run_dir / f"samples_{iteration:07d}"
-        if not (samples / "samples.jsonl").is_file():
-            shutil.rmtree(samples, ignore_errors=True)
+        samples = samples_dir(run_dir, iteration, scale)
+        if not (samples / "samples.jsonl").is_file():  # new, or cut short: generate.py continues it
             if spec.arm == "uncond":
                 what = ["--unconditional", "--num-samples", scale.fid_samples]
             else:
@@ -499,7 +528,7 @@ def sample_and_score(spec: RunSpec, run_dir: Path, args, scale: Scale, nets: Dic
                  "--micro-batch-size", 500, "--grid-nrow", 10, "--out-dir", samples], args,
                 run_dir / "sample.log")
         for net, net_spec in nets.items():
-            report = run_dir / f"fid_{net}_{iteration:07d}.json"
+            report = fid_report(run_dir, net, iteration, scale)
             if not report.is_file():
                 score_fid(samples, refs[net], net_spec, report, args, run_dir / "fid.log")
 
@@ -515,7 +544,8 @@ def references(args, scale: Scale, out: Path, splits: Dict[str, Path], nets: Dic
     """Test-split statistics per FID network, and the floors: real train images vs test, VQ
     reconstructions of train images vs test (no generator can beat its tokenizer)."""
     refs, floors = {}, {}
-    floor_dirs = {"real train": out / "floors" / "real_train", "VQ reconstruction": out / "floors" / "vq_recon"}
+    n = scale.floor_samples
+    floor_dirs = {"real train": out / "floors" / f"real_train_n{n}", "VQ reconstruction": out / "floors" / f"vq_recon_n{n}"}
     if not done(floor_dirs["VQ reconstruction"]):
         write_floor_images(splits["train"], floor_dirs, vq, args.image_size, scale.floor_samples)
     for net, net_spec in nets.items():
@@ -594,7 +624,7 @@ def collect(specs: List[RunSpec], out: Path, scale: Scale, nets: Dict[str, str])
         run_dir = out / "runs" / spec.name
         log = read_metrics_log(run_dir / "log.jsonl", spec.name)
         iters = scale.limited_iters if spec.arm == "limited" else scale.train_iters
-        fids = {net: {it: json.loads((run_dir / f"fid_{net}_{it:07d}.json").read_text())["metrics"]["fid"]
+        fids = {net: {it: json.loads(fid_report(run_dir, net, it, scale).read_text())["metrics"]["fid"]
                       for it in fid_iterations(scale, iters)} for net in nets}
         val_its, val_nll = log.valid.get("lm_loss", ([], []))
         cos_its, val_cos = log.valid.get("gva_cos", ([], []))
@@ -671,7 +701,7 @@ def write_report(args, scale: Scale, out: Path, specs: List[RunSpec], results: D
         for variant in variants:
             spec = RunSpec(arm, variant, seeds[0])
             iters = scale.limited_iters if arm == "limited" else scale.train_iters
-            cells.append(f"![{spec.name}](runs/{spec.name}/samples_{iters:07d}/grid.png)")
+            cells.append(f"![{spec.name}]({samples_dir(Path('runs') / spec.name, iters, scale)}/grid.png)")
         lines.append(" | ".join(cells))
         lines.append("")
     times = json.loads(TIMES_FILE.read_text()) if TIMES_FILE is not None and TIMES_FILE.is_file() else {}
@@ -745,6 +775,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 nets[net.rsplit(":", 1)[-1]] = net
         prefixes = build_datasets(args, scale, out, splits, vq)
+        migrate_unkeyed(out)
         refs, floors = references(args, scale, out, splits, nets, vq)
         baselines = feature_baselines(prefixes, splits)
         manifest = json.loads(Path(prefixes["train"] + ".json").read_text())

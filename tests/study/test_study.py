@@ -90,9 +90,9 @@ def test_quick_study_end_to_end(tmp_path):
     for row in ("| uncond | baseline | 1 |", "| limited | shuffled | 1 |", "real train vs test"):
         assert row in report
     # Unconditional samples were drawn from the null condition, conditional ones per class.
-    uncond = [json.loads(l) for l in (out / "runs" / "uncond-baseline-s0" / "samples_0000020" / "samples.jsonl")
+    uncond = [json.loads(l) for l in (out / "runs" / "uncond-baseline-s0" / "samples_0000020_n100" / "samples.jsonl")
               .read_text().splitlines()]
-    limited = [json.loads(l) for l in (out / "runs" / "limited-baseline-s0" / "samples_0000020" / "samples.jsonl")
+    limited = [json.loads(l) for l in (out / "runs" / "limited-baseline-s0" / "samples_0000020_n100" / "samples.jsonl")
                .read_text().splitlines()]
     assert len(uncond) == 100 and all(r["unconditional"] for r in uncond)
     assert sorted({r["class_id"] for r in limited}) == list(range(10))
@@ -133,3 +133,24 @@ def test_sequence_length_holds_the_class_token():
                                              study.tokens_per_sample(args))
     assert dropped == 0 and profile.class_token(3) in tokens.tolist()
     assert len(tokens) == study.tokens_per_sample(args)
+
+
+def test_outputs_of_earlier_versions_get_their_sample_count(tmp_path):
+    """Sample directories, FID reports and floors named without the sample count (before
+    --fid-samples keyed them) are renamed to the count they hold, so a rerun reuses them."""
+    run = tmp_path / "runs" / "cond-arra-s0"
+    (run / "samples_0000600").mkdir(parents=True)
+    (run / "samples_0000600" / "samples.jsonl").write_text('{"file": "000000.png"}\n{"file": "000001.png"}\n')
+    (run / "fid_classifier_0000600.json").write_text("{}")
+    (run / "samples_0000300").mkdir()  # unfinished: left alone
+    study = _study()
+    for folder in ("real_train", "vq_recon"):
+        (tmp_path / "floors" / folder).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "floors" / folder / f"{i}.png").write_bytes(b"")
+        (tmp_path / "floors" / f"classifier_{folder}.json").write_text("{}")
+    study.migrate_unkeyed(tmp_path)
+    assert sorted(p.name for p in run.iterdir()) == ["fid_classifier_0000600_n2.json", "samples_0000300",
+                                                      "samples_0000600_n2"]
+    assert sorted(p.name for p in (tmp_path / "floors").iterdir()) == [
+        "classifier_real_train_n3.json", "classifier_vq_recon_n3.json", "real_train_n3", "vq_recon_n3"]
