@@ -134,8 +134,13 @@ class OutputPaths:
         self.parts_dir = Path(f"{prefix}.parts")
         self.plan = self.parts_dir / "plan.json"
 
+    @staticmethod
+    def part_name(index: int) -> str:
+        """The part's file stem, also the name of its claim."""
+        return f"part-{index:05d}"
+
     def part(self, index: int) -> str:
-        return str(self.parts_dir / f"part-{index:05d}")
+        return str(self.parts_dir / self.part_name(index))
 
     def outputs(self) -> List[str]:
         return [self.bin, self.idx, self.images, self.image_sources, self.features, self.manifest]
@@ -567,8 +572,8 @@ def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: Outp
     logger.info("%s%s: %d parts (%d finished earlier), vocabulary %d (%s), %d tokens per image",
                 config.output_prefix, where, len(parts), finished_before, profile.vocab_size,
                 np.dtype(dtype).name, profile.tokens_per_image)
-    by_name = {paths.part(p.index).rsplit("/", 1)[-1]: p for p in parts}
-    order = [paths.part(i).rsplit("/", 1)[-1] for i in rank.visiting_order([p.index for p in parts])]
+    by_name = {paths.part_name(p.index): p for p in parts}
+    order = [paths.part_name(i) for i in rank.visiting_order([p.index for p in parts])]
     todo = (by_name[name] for name in unclaimed(claims, order, lambda name: _part_done(paths, by_name[name].index)))
     remaining = sum(p.stop - p.start for p in parts if not _part_done(paths, p.index))
     total = None if unknown_total or rank.world > 1 else remaining
@@ -576,7 +581,7 @@ def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: Outp
     counted = {"at": 0.0, "done": finished_before, "samples": 0, "started": time.monotonic()}
 
     def on_part(marker: Dict[str, Any]) -> None:
-        claims.release(paths.part(marker["part"]).rsplit("/", 1)[-1])
+        claims.release(paths.part_name(marker["part"]))
         skipped.update(marker["skipped"])
         counted["samples"] += marker["num_samples"] + sum(marker["skipped"].values())
         now = time.monotonic()
@@ -595,7 +600,7 @@ def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: Outp
         _run_parts(todo, config, paths, worker, rank, on_part, bar)
     unfinished = [p.index for p in parts if not _part_done(paths, p.index)]
     if unfinished:
-        holders = {i: (claims.holder(paths.part(i).rsplit("/", 1)[-1]) or {}).get("host", "?") for i in unfinished[:5]}
+        holders = {i: (claims.holder(paths.part_name(i)) or {}).get("host", "?") for i in unfinished[:5]}
         logger.info("%s: %d of %d parts finished; the others are being built by other processes (part: host %s); "
                     "the one that finishes the last part merges. If a process died, rerun this command: it "
                     "builds what is missing and merges.", paths.prefix, len(parts) - len(unfinished), len(parts),
@@ -649,7 +654,7 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     Images are read through the image reference table (``read_image_bytes``) in sample
     order and go through the same ``TargetFeaturizer`` as ``--encoder`` at build time.
     The rows are computed in chunks of ``batches_per_checkpoint`` batches, each saved to
-    ``PREFIX.features.parts/chunk-NNNNN.npy`` with a marker: a rerun with the same encoder
+    ``PREFIX.features.npy.parts/chunk-NNNNN.npy`` with a marker: a rerun with the same encoder
     and batch size continues from there, and many processes (torchrun, srun, a SLURM
     array: build_ranks.py) share the chunks as the builder shares parts. Batch boundaries
     stay multiples of ``batch_size``, so the result is the same however it was computed.
