@@ -61,11 +61,11 @@ def position_losses(pred: torch.Tensor, target: torch.Tensor, objective: str) ->
     """Per-position alignment loss l_t and cosine, computed in fp32 (or wider when given wider).
 
     Args:
-        pred: A_phi(h_k[t]) for the selected positions, [m, D].
-        target: f_GF of each selected position's sample, [m, D].
+        pred: A_phi(h_k[t]), [..., D] (e.g. [m, D] selected positions or [s, b, D] all of them).
+        target: f_GF of each position's sample, broadcastable to ``pred`` ([m, D], [1, b, D]).
         objective: ``cos`` or ``mse``.
     Returns:
-        (l_t, cos_t), each [m]; cos_t carries no gradient (it is for logging).
+        (l_t, cos_t), each of ``pred``'s shape without D; cos_t carries no gradient (it is for logging).
     """
     dtype = torch.promote_types(pred.dtype, torch.float32)
     pred = pred.to(dtype)

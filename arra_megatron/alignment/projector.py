@@ -14,8 +14,9 @@ FP8 autocast Megatron-Core opens for layer k, so with ``--fp8-format`` its matmu
 run in FP8 under the model's recipe; without it they are plain bf16/fp32 GEMMs. FP8
 GEMMs need both feature sizes divisible by 16 (32 for MXFP8): a projector whose
 shapes are not falls back to torch linears (bf16) with a one-time warning. The
-number of aligned positions varies per micro-batch, so rows are zero-padded to a
-multiple of 32 for TE and the padding is cut off the output. The loss itself is
+tap projects every position (micro-batch x local sequence rows); when that row
+count is not a multiple of 32 the rows are zero-padded for TE and the padding is
+cut off the output. The loss itself is
 computed in fp32 (alignment/loss.py).
 """
 

@@ -8,6 +8,13 @@ gradient -- the device Megatron-Core uses for MoE auxiliary losses on any
 pipeline stage. So only the stage that holds layer k computes the loss, on
 whichever (virtual) pipeline stage that is.
 
+Dense and sync-free. The projector runs on every position of the micro-batch
+and each position's loss is weighted by w_t (0 outside P_b): the same sum as
+selecting P_b first, with static shapes and no ``nonzero`` (aligned positions are
+most of an image-generation sequence, so the extra projector FLOPs are small).
+The step's denominators stay on the device as tensors; nothing here reads a
+value back to the host (tests/training/test_sync_free.py counts it).
+
 Scaling. The training objective is L = L_AR + lambda * L_GVA with both terms
 normalised over the *global* batch. Megatron multiplies the returned loss by
 the loss scale S and 1/num_microbatches, and DDP divides every gradient by the
@@ -28,11 +35,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import make_viewless_tensor
 
 from arra_megatron.alignment.loss import position_losses
 from arra_megatron.alignment.projector import build_projector
@@ -44,14 +52,22 @@ class ARRAStep:
     """What the tap must know about the current global batch before it runs.
 
     Attributes:
-        num_aligned_samples: N_gva, samples with a non-empty P_b in the *global* batch.
+        num_aligned_samples: N_gva, samples with a non-empty P_b in the *global* batch
+            (a number or a 0-d tensor on the device: it is never read back to the host).
         data_parallel_size: P; DDP divides gradients by it.
-        loss_scale: S, the fp16 loss scale (1.0 for bf16/fp32).
+        loss_scale: S, the fp16 loss scale (1.0 for bf16/fp32; a number or a 0-d tensor).
     """
 
-    num_aligned_samples: int
+    num_aligned_samples: Union[int, torch.Tensor]
     data_parallel_size: int = 1
-    loss_scale: float = 1.0
+    loss_scale: Union[float, torch.Tensor] = 1.0
+
+    def gradient_scale(self, weight: float) -> torch.Tensor:
+        """S * lambda * P / max(N_gva, 1), a 0-d float64 tensor on the device."""
+        device = torch.cuda.current_device()
+        count = torch.as_tensor(self.num_aligned_samples, dtype=torch.float64, device=device).clamp(min=1.0)
+        scale = torch.as_tensor(self.loss_scale, dtype=torch.float64, device=device).reshape(())
+        return scale * (weight * self.data_parallel_size) / count
 
 
 @dataclasses.dataclass
@@ -71,15 +87,14 @@ class GVAGradInjector(torch.autograd.Function):
     """Identity on the hidden state; its backward also sends ``scale`` into the loss graph."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(loss)
-        ctx.scale = scale
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss, scale)
         return hidden
 
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
-        (loss,) = ctx.saved_tensors
-        return grad_hidden, torch.full_like(loss, ctx.scale), None
+        loss, scale = ctx.saved_tensors
+        return grad_hidden, scale.to(loss.dtype).expand_as(loss), None
 
 
 class ARRAModelChunk(MegatronModule):
@@ -143,7 +158,7 @@ class ARRATap:
         # inside the forward step, around each micro-batch's model call:
         with tap.microbatch(AlignmentInputs(weights, targets)):
             output = model(...)
-        metrics = tap.end_step()   # {"gva loss", "gva cos"}, reduced over TP/PP/DP
+        metrics = tap.end_step()   # {"gva loss", "gva cos"} as 0-d tensors, reduced over TP/PP/DP
     """
 
     def __init__(self, arra: ARRAConfig, config, seed: int = 0, te_linear: bool = False):
@@ -193,8 +208,9 @@ class ARRATap:
         finally:
             self._current = None
 
-    def end_step(self) -> Dict[str, float]:
-        """L_GVA and the mean cosine of the step, identical on every rank.
+    def end_step(self) -> Dict[str, torch.Tensor]:
+        """L_GVA and the mean cosine of the step, identical on every rank, as 0-d float64
+        tensors on the device (read them when logging: ``forward_step.read_metrics``).
 
         Collective: every rank of the model-parallel and data-parallel groups must call it.
         """
@@ -211,9 +227,11 @@ class ARRATap:
             torch.distributed.all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
         torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
         torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        count = max(int(self._step.num_aligned_samples), 1)
+        count = torch.as_tensor(self._step.num_aligned_samples, dtype=torch.float64,
+                                device=sums.device).clamp(min=1.0)
         self._step = None
-        return {"gva loss": float(sums[0]) / count, "gva cos": float(sums[1]) / count}
+        means = sums / count
+        return {"gva loss": means[0], "gva cos": means[1]}
 
     # ------------------------------------------------------------------ the hook
     def _inputs(self) -> AlignmentInputs:
@@ -237,25 +255,28 @@ class ARRATap:
         return None
 
     def _partial_sums(self, hidden: torch.Tensor, inputs: AlignmentInputs):
-        """This rank's share of sum_b L_b (with graph) and of sum_b mean-cos_b."""
-        seq_local = hidden.size(0)
+        """This rank's share of sum_b L_b (with graph) and of sum_b mean-cos_b.
+
+        Dense: A_phi on every position of the local slice [s, b], each loss weighted by
+        w_t, which is 0 outside P_b (the weights carry the selection, the shapes are static).
+        """
+        seq_local, batch = hidden.size(0), hidden.size(1)
         start = 0
         if self.config.sequence_parallel:
             start = parallel_state.get_tensor_model_parallel_rank() * seq_local
-        weights = inputs.weights[:, start:start + seq_local]  # [b, s_local]
-        selected = weights > 0
-        h = hidden.transpose(0, 1)[selected]  # [m, H], in (sample, position) order
-        targets = inputs.targets.unsqueeze(1).expand(-1, seq_local, -1)[selected]
-        w = weights[selected]
-        losses, cos = position_losses(self.projector(h), targets, self.arra.objective)
-        loss_sum = (w * losses).sum()
-        cos_sum = (w * cos).sum()
+        weights = inputs.weights[:, start:start + seq_local].t()  # [s_local, b]
+        pred = self.projector(hidden.reshape(seq_local * batch, -1)).view(seq_local, batch, -1)
+        losses, cos = position_losses(pred, inputs.targets.unsqueeze(0), self.arra.objective)
+        loss_sum = (weights * losses).sum()
+        cos_sum = (weights * cos).sum()
         sums = torch.stack([loss_sum.detach(), cos_sum]).double()
         self._sums = sums if self._sums is None else self._sums + sums
         return loss_sum
 
     def _attach(self, hidden: torch.Tensor, inputs: AlignmentInputs) -> torch.Tensor:
         loss_sum = self._partial_sums(hidden, inputs)
-        step = self._step
-        scale = step.loss_scale * self.arra.weight * step.data_parallel_size / max(step.num_aligned_samples, 1)
-        return GVAGradInjector.apply(hidden, loss_sum, scale)
+        hidden = GVAGradInjector.apply(hidden, loss_sum, self._step.gradient_scale(self.arra.weight))
+        # The identity comes back as a view of its input; when layer k ends a pipeline stage that
+        # view is the stage's output, which Megatron's schedules free early
+        # (deallocate_pipeline_outputs) and therefore require to be viewless.
+        return make_viewless_tensor(hidden, requires_grad=True, keep_graph=True)

@@ -39,6 +39,19 @@ def read_manifest(prefix: str) -> dict:
         return json.load(f)
 
 
+def read_layout(prefixes: List[str]) -> Tuple[TokenizerProfile, Optional[int]]:
+    """The tokenizer profile the datasets at ``prefixes`` share, and the width D of their
+    precomputed targets (None when they have none)."""
+    manifests = [read_manifest(prefix) for prefix in prefixes]
+    profiles = [TokenizerProfile.from_dict(m["tokenizer_profile"]) for m in manifests]
+    for prefix, profile in zip(prefixes[1:], profiles[1:]):
+        if profile != profiles[0]:
+            raise ValueError(f"--data-path: {prefix} has a different tokenizer profile than {prefixes[0]}; "
+                             "blended datasets and held-out sets must share one vocabulary layout")
+    dims = {int(m["features"]["shape"][1]) for m in manifests if m.get("features")}
+    return profiles[0], (dims.pop() if len(dims) == 1 else None)
+
+
 class ARRALowLevelDataset:
     """One prefix on disk: the token documents, and the feature table when present."""
 
@@ -163,15 +176,11 @@ def build_arra_datasets(data_path: Optional[List[str]], split: str, seq_length: 
         blends = {"blend": blend_from_data_path(data_path), "split": split}
     used = [blend for blend in (blends.get("blend_per_split") or [blends["blend"]]) if blend]
     prefixes = [prefix for blend_prefixes, _ in used for prefix in blend_prefixes]
-    profiles = [TokenizerProfile.from_dict(read_manifest(p)["tokenizer_profile"]) for p in prefixes]
-    for prefix, profile in zip(prefixes[1:], profiles[1:]):
-        if profile != profiles[0]:
-            raise ValueError(f"--data-path: {prefix} has a different tokenizer profile than {prefixes[0]}; "
-                             "blended datasets and held-out sets must share one vocabulary layout")
+    profile, _ = read_layout(prefixes)
     config = ARRADatasetConfig(
         random_seed=seed, sequence_length=seq_length, **blends,
-        profile=profiles[0], condition_dropout_prob=condition_dropout_prob, loss_on_text=loss_on_text,
+        profile=profile, condition_dropout_prob=condition_dropout_prob, loss_on_text=loss_on_text,
         with_features=with_features, with_images=with_images, mid_level_dataset_surplus=0.005,
     )
     datasets = BlendedMegatronDatasetBuilder(ARRADataset, sizes, lambda: True, config).build()
-    return datasets, profiles[0]
+    return datasets, profile

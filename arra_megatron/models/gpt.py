@@ -18,12 +18,37 @@ def build_gpt_chunks(
     vocab_size: int,
     max_sequence_length: int,
     backend: Optional[Backend] = None,
+    **kwargs,
+) -> List[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (one without VPP);
+    ``kwargs`` as ``build_gpt_chunk``."""
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    return [
+        build_gpt_chunk(
+            config, vocab_size, max_sequence_length, backend=backend, vp_stage=vp_stage,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            **kwargs,
+        )
+        for vp_stage in (range(vpp) if vpp else [None])
+    ]
+
+
+def build_gpt_chunk(
+    config: TransformerConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    backend: Optional[Backend] = None,
+    vp_stage: Optional[int] = None,
+    pre_process: bool = True,
+    post_process: bool = True,
     position_embedding_type: str = "rope",
     rotary_base: int = 10000,
     share_embeddings_and_output_weights: bool = False,
     real_vocab_size: Optional[int] = None,
-) -> List[GPTModel]:
-    """One GPTModel per virtual pipeline stage held by this rank (one without VPP).
+    pg_collection=None,
+) -> GPTModel:
+    """The GPTModel chunk of virtual stage ``vp_stage`` with the layer spec for ``backend``.
 
     ``vocab_size`` must already be padded to a multiple of the TP size. ``real_vocab_size``:
     the ids the tokenizer can produce (default: all of ``vocab_size``); the logits of the
@@ -36,26 +61,23 @@ def build_gpt_chunks(
         raise ValueError(f"vocabulary size {vocab_size} must be padded to a multiple of TP {tp}")
     if real_vocab_size is not None and not 0 < real_vocab_size <= vocab_size:
         raise ValueError(f"vocabulary of {real_vocab_size} ids does not fit the padded size {vocab_size}")
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    stages = range(vpp) if vpp else [None]
-    chunks = []
-    for vp_stage in stages:
-        chunk = GPTModel(
-            config=config,
-            transformer_layer_spec=get_decoder_block_spec(config, backend, vp_stage=vp_stage),
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-            position_embedding_type=position_embedding_type,
-            rotary_base=rotary_base,
-            vp_stage=vp_stage,
-        )
-        if chunk.post_process and real_vocab_size is not None and real_vocab_size < vocab_size:
-            mask_padded_logits(chunk, real_vocab_size, vocab_size)
-        chunks.append(chunk)
-    return chunks
+    extra = {} if pg_collection is None else {"pg_collection": pg_collection}
+    chunk = GPTModel(
+        config=config,
+        transformer_layer_spec=get_decoder_block_spec(config, backend, vp_stage=vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        position_embedding_type=position_embedding_type,
+        rotary_base=rotary_base,
+        vp_stage=vp_stage,
+        **extra,
+    )
+    if post_process and real_vocab_size is not None and real_vocab_size < vocab_size:
+        mask_padded_logits(chunk, real_vocab_size, vocab_size)
+    return chunk
 
 
 def mask_padded_logits(chunk: GPTModel, real_vocab_size: int, padded_vocab_size: int) -> None:

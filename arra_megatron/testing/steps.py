@@ -20,7 +20,7 @@ from arra_megatron.config import ARRAConfig
 from arra_megatron.models.gpt import pad_vocab_size
 from arra_megatron.models.specs import Backend
 from arra_megatron.testing import tiny
-from arra_megatron.training.forward_step import ARRAForwardStep
+from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
 from arra_megatron.training.model import ModelBundle, build_model
 
 IMAGE_TOKENS = 256               # 256 px with a 16x downsampling VQ
@@ -55,7 +55,7 @@ class StepRunner:
         metrics = self.step.end_step(losses)
         if not forward_only and optimizer_step:
             self.optimizer.step()
-        return metrics
+        return read_metrics(metrics)
 
 
 def build_runner(config: TransformerConfig, arra: ARRAConfig, seq_length: int, micro_batch_size: int,

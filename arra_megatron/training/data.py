@@ -19,7 +19,10 @@ class TrainingData:
     image_token_range: Tuple[int, int]
 
 
-_VALID_OFFSET = 1 << 40  # mock validation samples: indices no training step reaches
+# Mock validation samples: indices no training step reaches. Below 2**32: the mock seeds a
+# torch generator per index, and torch keeps only the low 32 bits of a seed (1 << 40 was
+# sample 0 again, so validation measured the first training samples).
+_VALID_OFFSET = 1 << 31
 
 
 class _Offset:
@@ -66,10 +69,11 @@ def micro_batch_loader(source, sampler: RankBatchSampler, num_workers: int):
     from torch.utils.data import DataLoader
 
     from arra_megatron.data.samples import collate
+    from arra_megatron.runtime.capabilities import has_gpu
 
     return iter(DataLoader(source, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                            persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                           generator=torch.Generator().manual_seed(0)))
+                           pin_memory=has_gpu(), generator=torch.Generator().manual_seed(0)))
 
 
 def dataset_sizes(args: argparse.Namespace) -> list:

@@ -7,6 +7,10 @@ denominators are counted from the step's micro-batches before the schedule
 runs (``begin_step``, one all-reduce over data parallel), so the result does
 not depend on how the batch is cut into micro-batches or data-parallel ranks.
 
+Nothing in a step reads a value back to the host: the denominators and the
+returned metrics are tensors on the device, read once when the caller logs them
+(``read_metrics``), as Megatron-LM reads its losses at the log interval.
+
 A micro-batch is a dict of tensors:
 
     tokens [b, s] int, labels [b, s] int, loss_mask [b, s] float,
@@ -31,11 +35,19 @@ from arra_megatron.config import ARRAConfig
 
 @dataclasses.dataclass(frozen=True)
 class StepNormalizers:
-    """Global denominators of one training step."""
+    """Global denominators of one training step (0-d float64 tensors on the device)."""
 
-    num_loss_tokens: int
-    num_aligned_samples: int
-    num_dropped_samples: int = 0  # samples with an image but no usable target (undecodable image)
+    num_loss_tokens: torch.Tensor
+    num_aligned_samples: torch.Tensor
+    num_dropped_samples: torch.Tensor  # samples with an image but no usable target (undecodable image)
+
+
+def read_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Step metrics as Python floats: one device-to-host read for all of them."""
+    if not metrics:
+        return {}
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in metrics.values()])
+    return dict(zip(metrics, values.tolist()))
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
@@ -103,7 +115,7 @@ class ARRAForwardStep:
             gva = counts[1:].clone()
             torch.distributed.all_reduce(gva, group=parallel_state.get_pipeline_model_parallel_group())
             counts[1:] = gva
-        return StepNormalizers(int(counts[0]), int(counts[1]), int(counts[2]))
+        return StepNormalizers(counts[0], counts[1], counts[2])
 
     def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]]) -> StepNormalizers:
         """Fix this step's normalisation (collective over the data-parallel group).
@@ -118,33 +130,34 @@ class ARRAForwardStep:
         norms = self.normalizers(microbatches)
         dp = parallel_state.get_data_parallel_world_size()
         # Megatron divides the returned loss by num_microbatches and DDP divides gradients by dp.
-        self._lm_scale = len(microbatches) * dp / max(norms.num_loss_tokens, 1)
+        self._lm_scale = len(microbatches) * dp / norms.num_loss_tokens.clamp(min=1.0)
         if self.tap is not None:
             scale_func = getattr(self.tap.config, "grad_scale_func", None)
             loss_scale = 1.0
             if scale_func is not None:
-                loss_scale = float(scale_func(torch.ones(1, device=torch.cuda.current_device())))
+                loss_scale = scale_func(torch.ones((), device=torch.cuda.current_device()))
             self.tap.begin_step(ARRAStep(norms.num_aligned_samples, dp, loss_scale))
         self._dropped = norms.num_dropped_samples
         return norms
 
-    def end_step(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Step metrics, identical on every rank: lm loss, (z loss), gva loss, gva cos, loss."""
+    def end_step(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Step metrics, identical on every rank: lm loss, (z loss), gva loss, gva cos, loss,
+        as 0-d tensors on the device (``read_metrics`` turns them into floats)."""
         sums = torch.zeros(3, dtype=torch.float64, device=torch.cuda.current_device())
         for record in losses_reduced:
             sums += record["lm"].double().to(sums.device)
         torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
-        count = max(float(sums[2]), 1.0)
-        metrics = {"lm loss": float(sums[0]) / count}
+        count = sums[2].clamp(min=1.0)
+        metrics = {"lm loss": sums[0] / count}
         total = metrics["lm loss"]
         if self.z_loss_weight:
-            metrics["z loss"] = float(sums[1]) / count
-            total += self.z_loss_weight * metrics["z loss"]
+            metrics["z loss"] = sums[1] / count
+            total = total + self.z_loss_weight * metrics["z loss"]
         if self.tap is not None:
             metrics.update(self.tap.end_step())
             metrics["gva dropped samples"] = self._dropped
-            total += self.arra.weight * metrics["gva loss"]
+            total = total + self.arra.weight * metrics["gva loss"]
         metrics["loss"] = total
         self._lm_scale = None
         return metrics
@@ -155,19 +168,19 @@ class ARRAForwardStep:
             raise RuntimeError("ARRAForwardStep.begin_step() must run before the schedule")
         batch = next(data_iterator)
         device = torch.cuda.current_device()
-        tokens = batch["tokens"].to(device)
-        labels = batch["labels"].to(device)
-        position_ids = batch["position_ids"].to(device)
-        loss_mask = batch["loss_mask"].to(device).float()
+        # Asynchronous copies (the loader pins its batches on a GPU machine).
+        tokens, labels, position_ids, loss_mask = (
+            batch[key].to(device, non_blocking=True) for key in ("tokens", "labels", "position_ids", "loss_mask"))
+        loss_mask = loss_mask.float()
         want_logits = self.z_loss_weight > 0
         forward = partial(model, tokens, position_ids, None, labels=None if want_logits else labels)
         if self.tap is not None and self.tap.holds_layer:
             if "arra_targets" not in batch:
                 raise KeyError("ARRA is on but the micro-batch has no 'arra_targets' (f_GF per sample); "
                                "give precomputed targets or an encoder, or turn ARRA off with --no-arra")
-            inputs = AlignmentInputs(
-                weights=position_weights(self.alignment_weights(batch)).to(device),
-                targets=batch["arra_targets"].to(device),
+            inputs = AlignmentInputs(  # w_t from the host copy of the labels: no device round trip
+                weights=position_weights(self.alignment_weights(batch)).to(device, non_blocking=True),
+                targets=batch["arra_targets"].to(device, non_blocking=True),
             )
             with self.tap.microbatch(inputs):
                 output = forward()
@@ -191,4 +204,4 @@ class ARRAForwardStep:
             z_sum = (z * loss_mask).sum()
             objective = objective + self.z_loss_weight * z_sum
         report = torch.stack([lm_sum.detach(), z_sum.detach(), loss_mask.sum()])
-        return objective * self._lm_scale, {"lm": report}
+        return objective * self._lm_scale.to(objective.dtype), {"lm": report}

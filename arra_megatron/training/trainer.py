@@ -26,7 +26,7 @@ from arra_megatron.runtime.distributed import initialize_model_parallel
 from arra_megatron.training import checkpointing
 from arra_megatron.training.arguments import arra_config, layer_backend, transformer_config
 from arra_megatron.training.data import RankBatchSampler, TrainingData, build_training_data, micro_batch_loader
-from arra_megatron.training.forward_step import ARRAForwardStep
+from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
 from arra_megatron.training.metrics import MetricsLogger, training_flops_per_token
 from arra_megatron.training.model import build_model
 
@@ -110,7 +110,7 @@ class Trainer:
     def _next_step(self, loader) -> List[Dict[str, torch.Tensor]]:
         return [next(loader) for _ in range(self.args.num_microbatches)]
 
-    def _run(self, microbatches, forward_only: bool) -> Dict[str, float]:
+    def _run(self, microbatches, forward_only: bool) -> Dict[str, torch.Tensor]:
         a = self.args
         self.step_fn.begin_step(microbatches)
         chunks = self.bundle.chunks
@@ -129,6 +129,7 @@ class Trainer:
         self.optimizer.zero_grad()
         metrics = self._run(self._next_step(self._train_loader), forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
+        metrics = read_metrics(metrics)
         if ok:
             self.scheduler.step(increment=self.args.global_batch_size)
         else:
@@ -139,7 +140,7 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         for chunk in self.bundle.chunks:
             chunk.eval()
-        totals: Dict[str, float] = {}
+        totals: Dict[str, torch.Tensor] = {}
         loader = self._loader(self.data.valid, 0, self.args.eval_iters * self.args.global_batch_size)
         with torch.no_grad():
             for _ in range(self.args.eval_iters):
@@ -148,7 +149,7 @@ class Trainer:
                     totals[k] = totals.get(k, 0.0) + v / self.args.eval_iters
         for chunk in self.bundle.chunks:
             chunk.train()
-        return totals
+        return read_metrics(totals)
 
     def train(self) -> Dict[str, float]:
         a = self.args

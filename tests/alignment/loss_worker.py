@@ -95,8 +95,8 @@ def run_case(arra_kwargs: dict) -> dict:
     cos_ref = reference_gva(hidden_ref.detach(), labels, targets, projector, "cos", arra.target,
                             tiny.IMAGE_TOKEN_RANGE)
     return {
-        "gva loss": metrics["gva loss"], "gva loss ref": float(ref),
-        "gva cos": metrics["gva cos"], "gva cos ref": 1.0 - float(cos_ref),
+        "gva loss": float(metrics["gva loss"]), "gva loss ref": float(ref),
+        "gva cos": float(metrics["gva cos"]), "gva cos ref": 1.0 - float(cos_ref),
         "grad_h": ours_grad_h, "grad_h ref": hidden_ref.grad,
         "params": ours_params, "params ref": ref_params,
         "num aligned": int(num_aligned_samples(mask)),

@@ -9,7 +9,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from arra_megatron.models.gpt import pad_vocab_size
 from arra_megatron.training.arguments import arra_config, parse_args, transformer_config
 from arra_megatron.training.checkpointing import load_checkpoint
-from arra_megatron.training.forward_step import ARRAForwardStep
+from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
 from arra_megatron.training.model import build_model
 from arra_megatron.runtime.distributed import initialize_model_parallel
 
@@ -53,7 +53,7 @@ def megatron_outputs(ckpt: str, model_flags: list, tp: int, pp: int, samples: di
             forward_step_func=step, data_iterator=iter(mbs), model=bundle.chunks, num_microbatches=len(mbs),
             seq_length=SEQ, micro_batch_size=2, forward_only=True,
         )
-    metrics = step.end_step(losses)
+    metrics = read_metrics(step.end_step(losses))
     out = {"metrics": metrics, "padded_vocab": vocab}
     if captured:  # [s, b, v/tp] per micro-batch -> [n, s, v]
         group = parallel_state.get_tensor_model_parallel_group()

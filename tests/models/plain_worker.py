@@ -12,7 +12,7 @@ from arra_megatron.models.specs import get_decoder_block_spec
 from arra_megatron.runtime.distributed import initialize_model_parallel
 from arra_megatron.testing import tiny
 from arra_megatron.training.checkpointing import model_sharded_state_dict
-from arra_megatron.training.forward_step import ARRAForwardStep
+from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
 from arra_megatron.training.model import build_model
 
 SEQ = 32
@@ -43,7 +43,7 @@ def run() -> dict:
     step.begin_step(mbs)
     losses = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(mbs), model=off.chunks,
                                          num_microbatches=2, seq_length=SEQ, micro_batch_size=2, forward_only=True)
-    metrics = step.end_step(losses)
+    metrics = read_metrics(step.end_step(losses))
     with torch.no_grad():
         token_loss = plain(samples["tokens"], samples["position_ids"], None, labels=samples["labels"])
     direct = float((token_loss * samples["loss_mask"]).sum() / samples["loss_mask"].sum())

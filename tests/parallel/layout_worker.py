@@ -14,7 +14,7 @@ from arra_megatron.config import ARRAConfig
 from arra_megatron.runtime.distributed import initialize_model_parallel
 from arra_megatron.testing import tiny
 from arra_megatron.training.checkpointing import load_model_weights, save_model_weights
-from arra_megatron.training.forward_step import ARRAForwardStep
+from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
 from arra_megatron.training.model import build_model
 
 SEQ = 32
@@ -35,6 +35,8 @@ def _build(layout: dict, arra: ARRAConfig):
         overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
         overrides = dict(recompute_granularity="selective")
+    if layout.get("dealloc"):  # Megatron-LM's default: stage outputs freed early, must be viewless
+        overrides["deallocate_pipeline_outputs"] = True
     config = tiny.tiny_config(tp, pp, vpp, sequence_parallel=layout.get("sp", False),
                               num_layers=layout.get("num_layers", 4), **overrides)
     ddp = DistributedDataParallelConfig(
@@ -157,7 +159,7 @@ def run_layouts(ckpt_dir: str, layouts: list) -> list:
 def run_layout(ckpt_dir: str, layout: dict) -> dict:
     """Load the reference weights into ``layout``, run one global batch, report losses and grads.
 
-    ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective),
+    ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective), dealloc,
     vocab ((padded rows, real ids or None)), ckpt (a sub-directory of ``ckpt_dir`` to load),
     mbs (micro-batch size; the global batch is 8), z_loss, loss_scale (a constant fp16-style
     loss scale; gradients are divided by it again before comparison), arra (ARRAConfig overrides).
@@ -183,7 +185,7 @@ def run_layout(ckpt_dir: str, layout: dict) -> dict:
         forward_step_func=step, data_iterator=data, model=bundle.chunks, num_microbatches=len(mbs),
         seq_length=SEQ, micro_batch_size=layout.get("mbs", 2), forward_only=False,
     )
-    metrics = step.end_step(losses)
+    metrics = read_metrics(step.end_step(losses))
     if layout.get("distopt"):
         _gather_distributed_optimizer_grads(bundle.chunks)
     grads = collect_grads(bundle, bundle.config.num_layers, arra.align_layer)

@@ -37,6 +37,7 @@ LAYOUTS = {
         ("TP2 + SP", {"tp": 2, "sp": True}),
         ("TP2 + SP + full recompute", {"tp": 2, "sp": True, "recompute": "full"}),
         ("PP2", {"pp": 2}),
+        ("PP2 x VPP2, k=1 ends a virtual stage, outputs deallocated", {"pp": 2, "vpp": 2, "dealloc": True}),
         ("PP2, k=3 on stage 2", {"pp": 2, **K3}),
         ("PP2 + full recompute, k=3", {"pp": 2, "recompute": "full", **K3}),
         ("PP2 x VPP2", {"pp": 2, "vpp": 2}),
