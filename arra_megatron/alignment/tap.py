@@ -17,9 +17,10 @@ value back to the host (tests/training/test_sync_free.py counts it).
 
 Scaling. The training objective is L = L_AR + lambda * L_GVA with both terms
 normalised over the *global* batch. Megatron multiplies the returned loss by
-the loss scale S and 1/num_microbatches, and DDP divides every gradient by the
-data-parallel size P. The injected gradient therefore is
-``S * lambda * P / N_gva`` per unit of this rank's partial sum, N_gva being the
+the loss scale S, and after the schedule divides every gradient by G (the
+data-parallel size P, or the global token count with
+``--calculate-per-token-loss``). The injected gradient therefore is
+``S * lambda * G / N_gva`` per unit of this rank's partial sum, N_gva being the
 global number of samples with an image (see ``ARRAStep``).
 
 Activation recomputation. Under full recompute the hook runs twice for a
@@ -35,7 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state
@@ -54,20 +55,25 @@ class ARRAStep:
     Attributes:
         num_aligned_samples: N_gva, samples with a non-empty P_b in the *global* batch
             (a number or a 0-d tensor on the device: it is never read back to the host).
-        data_parallel_size: P; DDP divides gradients by it.
+        gradient_divisor: G, what Megatron divides every gradient by after the schedule:
+            the data-parallel size P (DDP averages), or the global token count N_tok with
+            ``--calculate-per-token-loss``.
         loss_scale: S, the fp16 loss scale (1.0 for bf16/fp32; a number or a 0-d tensor).
     """
 
     num_aligned_samples: Union[int, torch.Tensor]
-    data_parallel_size: int = 1
+    gradient_divisor: Union[int, torch.Tensor] = 1
     loss_scale: Union[float, torch.Tensor] = 1.0
 
     def gradient_scale(self, weight: float) -> torch.Tensor:
-        """S * lambda * P / max(N_gva, 1), a 0-d float64 tensor on the device."""
+        """S * lambda * G / max(N_gva, 1), a 0-d float64 tensor on the device."""
         device = torch.cuda.current_device()
-        count = torch.as_tensor(self.num_aligned_samples, dtype=torch.float64, device=device).clamp(min=1.0)
-        scale = torch.as_tensor(self.loss_scale, dtype=torch.float64, device=device).reshape(())
-        return scale * (weight * self.data_parallel_size) / count
+
+        def tensor(value):
+            return torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+
+        return tensor(self.loss_scale) * weight * tensor(self.gradient_divisor) / \
+            tensor(self.num_aligned_samples).clamp(min=1.0)
 
 
 @dataclasses.dataclass
@@ -152,13 +158,12 @@ def find_layer(chunks: Sequence[torch.nn.Module], layer_number: int):
 class ARRATap:
     """Computes L_GVA at layer k and tracks it for logging.
 
-    Usage per training step (see training/forward_step.py)::
+    Usage (training/forward_step.py does all of it)::
 
-        tap.begin_step(ARRAStep(...))
-        # inside the forward step, around each micro-batch's model call:
+        tap.begin_step(ARRAStep(...))          # once per step, before its micro-batches
         with tap.microbatch(AlignmentInputs(weights, targets)):
-            output = model(...)
-        metrics = tap.end_step()   # {"gva loss", "gva cos"} as 0-d tensors, reduced over TP/PP/DP
+            output = model(...)                # around each micro-batch's model call
+        sums = tap.take_sums()                 # this rank's [sum_b L_b, sum_b cos_b] share, or None
     """
 
     def __init__(self, arra: ARRAConfig, config, seed: int = 0, te_linear: bool = False):
@@ -167,6 +172,8 @@ class ARRATap:
         self.seed = seed
         self.te_linear = te_linear  # projector from TE linears (the model uses the TE spec)
         self.layer = None
+        self.vp_stage: Optional[int] = None  # the virtual pipeline stage of the chunk holding layer k
+        self.chunk: Optional[ARRAModelChunk] = None  # that chunk
         self.projector: Optional[MegatronModule] = None
         self._handle = None
         self._step: Optional[ARRAStep] = None
@@ -185,8 +192,9 @@ class ARRATap:
         if found is None:
             return chunks
         index, self.layer = found
+        self.vp_stage = getattr(chunks[index], "vp_stage", None)
         self.projector = build_projector(self.arra, self.config, seed=self.seed, te_linear=self.te_linear)
-        chunks[index] = ARRAModelChunk(chunks[index], self.projector)
+        chunks[index] = self.chunk = ARRAModelChunk(chunks[index], self.projector)
         self._handle = self.layer.register_forward_hook(self._hook)
         return chunks
 
@@ -194,11 +202,19 @@ class ARRATap:
     def holds_layer(self) -> bool:
         return self.layer is not None
 
+    def is_holder(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` (a chunk, bare or wrapped in DDP / Float16Module) holds layer k."""
+        while model is not None:
+            if model is self.chunk and self.chunk is not None:
+                return True
+            model = getattr(model, "module", None)
+        return False
+
     # ------------------------------------------------------------------ steps
     def begin_step(self, step: ARRAStep) -> None:
+        """The scale of the coming micro-batches' L_GVA gradient (sums keep adding up)."""
         self._step = step
         self._deferred.clear()
-        self._sums = None
 
     @contextlib.contextmanager
     def microbatch(self, inputs: AlignmentInputs) -> Iterator[None]:
@@ -208,30 +224,15 @@ class ARRATap:
         finally:
             self._current = None
 
-    def end_step(self) -> Dict[str, torch.Tensor]:
-        """L_GVA and the mean cosine of the step, identical on every rank, as 0-d float64
-        tensors on the device (read them when logging: ``forward_step.read_metrics``).
-
-        Collective: every rank of the model-parallel and data-parallel groups must call it.
-        """
-        if self._step is None:
-            raise RuntimeError("ARRATap.end_step() without begin_step()")
+    def take_sums(self) -> Optional[torch.Tensor]:
+        """This rank's share of [sum_b L_b, sum_b mean-cos_b] since the last call (float64,
+        on the device), or None when layer k did not run here; the running sums restart."""
         if self._deferred:
             raise RuntimeError(
                 f"{len(self._deferred)} recomputed micro-batch(es) never ran their backward pass"
             )
-        sums = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
-        if self._sums is not None:
-            sums += self._sums
-        if self.config.sequence_parallel:
-            torch.distributed.all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
-        torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
-        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        count = torch.as_tensor(self._step.num_aligned_samples, dtype=torch.float64,
-                                device=sums.device).clamp(min=1.0)
-        self._step = None
-        means = sums / count
-        return {"gva loss": means[0], "gva cos": means[1]}
+        sums, self._sums = self._sums, None
+        return sums
 
     # ------------------------------------------------------------------ the hook
     def _inputs(self) -> AlignmentInputs:

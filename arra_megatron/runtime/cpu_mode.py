@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import threading
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -119,6 +120,9 @@ class _Event:
 
 
 _DEFAULT_STREAM = _Stream()
+#: What CPU mode reports as "the GPU": an architecture (9.0) whose code paths need no GPU feature.
+_CPU_DEVICE_PROPERTIES = types.SimpleNamespace(name="CPU (arra_megatron CPU mode)", major=9, minor=0,
+                                               total_memory=0, multi_processor_count=1)
 
 
 def _cpu_rng_get(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
@@ -154,6 +158,9 @@ def _patch_torch_cuda() -> None:
     cuda.manual_seed_all = _cpu_manual_seed
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(cuda, name, lambda device=None: 0)
+    # Megatron-LM's argument validation reads the GPU architecture (at TP > 1).
+    cuda.get_device_properties = lambda device=None: _CPU_DEVICE_PROPERTIES
+    cuda.get_device_capability = lambda device=None: (_CPU_DEVICE_PROPERTIES.major, _CPU_DEVICE_PROPERTIES.minor)
     cuda.nvtx.range_push = lambda msg: None
     cuda.nvtx.range_pop = lambda: None
 

@@ -47,7 +47,6 @@ class StepRunner:
         for chunk in self.bundle.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self.step.begin_step(self.microbatches)
         losses = get_forward_backward_func()(
             forward_step_func=self.step, data_iterator=iter(self.microbatches), model=self.bundle.chunks,
             num_microbatches=len(self.microbatches), seq_length=self.seq_length,
@@ -73,8 +72,8 @@ def build_runner(config: TransformerConfig, arra: ARRAConfig, seq_length: int, m
                         params_dtype=config.params_dtype),
         bundle.chunks)
     config.grad_scale_func = optimizer.scale_loss
-    step = ARRAForwardStep(arra, image_range, bundle.tap)
     samples = tiny.synthetic_samples(global_batch, seq_length, num_image_tokens=num_image_tokens,
                                      target_dim=arra.target_dim, seed=data_seed, image_token_range=image_range)
-    return StepRunner(bundle, optimizer, step, tiny.microbatches(samples, micro_batch_size), seq_length,
-                      micro_batch_size, vocab)
+    microbatches = tiny.microbatches(samples, micro_batch_size)
+    step = ARRAForwardStep(arra, image_range, bundle.tap, num_microbatches=len(microbatches))
+    return StepRunner(bundle, optimizer, step, microbatches, seq_length, micro_batch_size, vocab)

@@ -1,29 +1,40 @@
-"""Forward step and loss function for Megatron-Core's ``get_forward_backward_func``.
+"""Forward step and loss function for Megatron's schedules (and ``megatron.training.pretrain``).
 
 Both terms of L = L_AR + lambda * L_GVA are normalised over the *global* batch
 (ARRA_METHOD.md): L_AR is the mean over every counted target token of the
-global batch, L_GVA the mean of L_b over the samples with an image. The
-denominators are counted from the step's micro-batches before the schedule
-runs (``begin_step``, one all-reduce over data parallel), so the result does
-not depend on how the batch is cut into micro-batches or data-parallel ranks.
+global batch, L_GVA the mean of L_b over the samples with an image. So the
+result does not depend on how the batch is cut into micro-batches or
+data-parallel ranks.
 
-Nothing in a step reads a value back to the host: the denominators and the
-returned metrics are tensors on the device, read once when the caller logs them
-(``read_metrics``), as Megatron-LM reads its losses at the log interval.
+The denominators are counted where the step's batch is assembled: on the first
+micro-batch of a step, the forward step reads all of the step's micro-batches
+from its data iterator, counts loss tokens N_tok and samples with an image
+N_gva, and all-reduces the counts over data parallel only (stages enter the
+schedule at different times, so a pipeline collective there would deadlock;
+each stage counts what it needs from its own copy of the batch). The counts stay
+on the device: nothing in a step reads a value back to the host, and metrics are
+tensors read when they are logged (``read_metrics``), as Megatron-LM does.
+
+Gradient scale. After the schedule Megatron divides every gradient by G: the
+data-parallel size P (DDP averages), or the global token count N_tok with
+``--calculate-per-token-loss``. L_AR is returned so that G undoes itself
+(sum / N_tok * M * P, where the schedule divides by the M micro-batches; or the
+plain sum with its token count in per-token mode), and the tap injects
+``S * lambda * G / N_gva`` per unit of L_GVA's partial sum (alignment/tap.py).
 
 A micro-batch is a dict of tensors:
 
     tokens [b, s] int, labels [b, s] int, loss_mask [b, s] float,
     position_ids [b, s] int, arra_targets [b, D] float (needed when ARRA is on),
     arra_valid [b] bool (optional: False masks a sample's L_GVA term, e.g. its
-    image failed to decode).
+    image failed to decode), image_bytes (online targets: encoded images).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -32,14 +43,8 @@ from arra_megatron.alignment.loss import alignment_mask, num_aligned_samples, po
 from arra_megatron.alignment.tap import AlignmentInputs, ARRAStep, ARRATap
 from arra_megatron.config import ARRAConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class StepNormalizers:
-    """Global denominators of one training step (0-d float64 tensors on the device)."""
-
-    num_loss_tokens: torch.Tensor
-    num_aligned_samples: torch.Tensor
-    num_dropped_samples: torch.Tensor  # samples with an image but no usable target (undecodable image)
+#: Batch fields the model and the loss read on the device.
+DEVICE_KEYS = ("tokens", "labels", "position_ids", "loss_mask")
 
 
 def read_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -61,14 +66,42 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return local_max + torch.log(sum_exp)
 
 
+def megatron_num_microbatches(training: bool) -> int:
+    """Micro-batches per step as megatron.training schedules them (evaluation has its own batch)."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    if training:
+        return get_num_microbatches()
+    from megatron.training import get_args
+
+    args = get_args()
+    return args.eval_global_batch_size // (args.eval_micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+
+@dataclasses.dataclass
+class _Step:
+    """One data iterator's micro-batches of the current step and the step's scale."""
+
+    batches: List[Dict[str, torch.Tensor]]
+    lm_scale: torch.Tensor
+    served: int = 0
+
+
 class ARRAForwardStep:
     """``forward_step_func(data_iterator, model)`` for ARRA (or plain GPT when ARRA is off).
 
-    Per training step::
+    Usage::
 
-        step.begin_step(microbatches)                       # collective over DP
-        losses = forward_backward_func(forward_step_func=step, data_iterator=iter(microbatches), ...)
-        metrics = step.end_step(losses)                     # collective over TP/PP/DP
+        losses = forward_backward_func(forward_step_func=step, data_iterator=..., num_microbatches=M, ...)
+        metrics = step.end_step(losses)     # collective over TP/PP/DP; 0-d tensors
+
+    ``megatron.training.pretrain`` reduces the loss reports itself; the ARRA metrics come
+    from ``alignment_metrics()`` (training/megatron_loop.py calls it after each step).
+
+    Args:
+        num_microbatches: M, micro-batches per step on this rank, or ``f(training) -> M``
+            (default: megatron.training's calculator).
+        per_token_loss: Megatron's ``--calculate-per-token-loss`` (``config.calculate_per_token_loss``).
     """
 
     def __init__(
@@ -78,6 +111,8 @@ class ARRAForwardStep:
         tap: Optional[ARRATap] = None,
         z_loss_weight: float = 0.0,
         online_targets: Optional[Callable] = None,
+        num_microbatches: Union[int, Callable[[bool], int], None] = None,
+        per_token_loss: bool = False,
     ):
         if arra.enabled and tap is None:
             raise ValueError("ARRA is enabled but no ARRATap was given")
@@ -86,110 +121,146 @@ class ARRAForwardStep:
         self.tap = tap if arra.enabled else None
         self.z_loss_weight = z_loss_weight
         self.online_targets = online_targets  # image bytes -> (f_GF, valid), on the stage holding layer k
-        self._lm_scale: Optional[float] = None
-        self._dropped = 0
+        if isinstance(num_microbatches, int):
+            self.num_microbatches = lambda training, count=num_microbatches: count
+        else:
+            self.num_microbatches = num_microbatches or megatron_num_microbatches
+        self.per_token_loss = per_token_loss
+        self._steps: Dict[int, _Step] = {}
+        self._gva_counts: Optional[torch.Tensor] = None  # [N_gva, dropped] since the last metrics read
 
     # ----------------------------------------------------------------- per step
-    def alignment_weights(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def aligned_positions(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The aligned positions P_b of each sample ([b, s] bool): the target's positions, for
+        samples whose f_GF is valid."""
         mask = alignment_mask(batch["labels"], self.image_token_range, self.arra.target)
         if "arra_valid" in batch:
             mask = mask & batch["arra_valid"].bool().to(mask.device).unsqueeze(1)
         return mask
 
-    def normalizers(self, microbatches: Iterable[Dict[str, torch.Tensor]]) -> StepNormalizers:
-        """Global counts: loss tokens (every stage reads the labels) summed over DP; samples
-        with an image and a valid target, from the stage holding layer k (the only one that
-        knows which online targets failed to decode), summed over DP and shared over PP."""
-        counts = torch.zeros(3, dtype=torch.float64, device=torch.cuda.current_device())
-        holds_layer = self.tap is not None and self.tap.holds_layer
-        for batch in microbatches:
-            counts[0] += batch["loss_mask"].sum().double().to(counts.device)
-            if holds_layer:
-                aligned = num_aligned_samples(self.alignment_weights(batch))
+    def _holds_layer(self, model) -> bool:
+        return self.tap is not None and self.tap.is_holder(model)
+
+    def _begin_step(self, data_iterator, model) -> _Step:
+        """Read the step's micro-batches, count its global denominators (DP all-reduce only)."""
+        device = torch.cuda.current_device()
+        holds = self._holds_layer(model)
+        batches = [next(data_iterator) for _ in range(self.num_microbatches(model.training))]
+        if holds and self.online_targets is not None:  # f_GF first: decode failures change N_gva
+            for batch in batches:
+                batch["arra_targets"], batch["arra_valid"] = self.online_targets(batch["image_bytes"])
+        counts = torch.zeros(3, dtype=torch.float64)  # N_tok, N_gva, dropped: counted on the host copy
+        for batch in batches:
+            counts[0] += batch["loss_mask"].double().sum()
+            if holds:
+                mask = self.aligned_positions(batch)
                 with_image = num_aligned_samples(alignment_mask(batch["labels"], self.image_token_range,
                                                                 self.arra.target))
-                counts[1] += aligned.double().to(counts.device)
-                counts[2] += (with_image - aligned).double().to(counts.device)
+                counts[1] += num_aligned_samples(mask)
+                counts[2] += with_image - num_aligned_samples(mask)
+                batch["arra_weights"] = position_weights(mask)
+        counts = counts.to(device, non_blocking=True)
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        if self.tap is not None:
-            gva = counts[1:].clone()
-            torch.distributed.all_reduce(gva, group=parallel_state.get_pipeline_model_parallel_group())
-            counts[1:] = gva
-        return StepNormalizers(counts[0], counts[1], counts[2])
-
-    def begin_step(self, microbatches: Sequence[Dict[str, torch.Tensor]]) -> StepNormalizers:
-        """Fix this step's normalisation (collective over the data-parallel group).
-
-        The L_GVA gradient is scaled by the same loss scale Megatron's schedule applies
-        to the returned loss: ``config.grad_scale_func`` (the fp16 optimizer's
-        ``scale_loss``), read here, once per step, after the previous step updated it.
-        """
-        if self.online_targets is not None and self.tap is not None and self.tap.holds_layer:
-            for batch in microbatches:  # f_GF for the whole step first: decode failures change N_gva
-                batch["arra_targets"], batch["arra_valid"] = self.online_targets(batch["image_bytes"])
-        norms = self.normalizers(microbatches)
         dp = parallel_state.get_data_parallel_world_size()
-        # Megatron divides the returned loss by num_microbatches and DDP divides gradients by dp.
-        self._lm_scale = len(microbatches) * dp / norms.num_loss_tokens.clamp(min=1.0)
-        if self.tap is not None:
+        n_tok = counts[0].clamp(min=1.0)
+        # What Megatron divides every gradient by after the schedule (see the module docstring).
+        divisor = n_tok if self.per_token_loss else dp
+        if holds:
             scale_func = getattr(self.tap.config, "grad_scale_func", None)
             loss_scale = 1.0
-            if scale_func is not None:
-                loss_scale = scale_func(torch.ones((), device=torch.cuda.current_device()))
-            self.tap.begin_step(ARRAStep(norms.num_aligned_samples, dp, loss_scale))
-        self._dropped = norms.num_dropped_samples
-        return norms
+            if scale_func is not None and model.training:
+                loss_scale = scale_func(torch.ones((), device=device))
+            self.tap.begin_step(ARRAStep(counts[1], divisor, loss_scale))
+            self._gva_counts = counts[1:] if self._gva_counts is None else self._gva_counts + counts[1:]
+        moved = [{k: (v.to(device, non_blocking=True) if k in DEVICE_KEYS or k.startswith("arra_") else v)
+                  for k, v in batch.items()} for batch in batches]
+        return _Step(moved, len(batches) * dp / n_tok)
+
+    def _next(self, data_iterator, model) -> Tuple[Dict[str, torch.Tensor], _Step]:
+        key = id(data_iterator)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._begin_step(data_iterator, model)
+        batch = step.batches[step.served]
+        step.served += 1
+        if step.served == len(step.batches):  # the next call on this iterator starts a new step
+            del self._steps[key]
+        return batch, step
+
+    # ----------------------------------------------------------------- metrics
+    def alignment_metrics(self) -> Dict[str, torch.Tensor]:
+        """gva loss, gva cos and dropped samples since the last call, identical on every rank.
+
+        Collective: every rank of the model-parallel and data-parallel groups calls it at the
+        same point (after a training step's schedule, after an evaluation).
+        """
+        if self.tap is None:
+            return {}
+        device = torch.cuda.current_device()
+        values = torch.zeros(2, dtype=torch.float64, device=device)  # sum_b L_b, sum_b cos_b
+        partial_sums = self.tap.take_sums()
+        if partial_sums is not None:
+            values += partial_sums.to(device)
+        if self.tap.config.sequence_parallel:  # each TP rank saw a slice of the positions
+            torch.distributed.all_reduce(values, group=parallel_state.get_tensor_model_parallel_group())
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        counts = torch.zeros(2, dtype=torch.float64, device=device)  # N_gva, dropped: summed over DP already
+        if self._gva_counts is not None:
+            counts += self._gva_counts
+            self._gva_counts = None
+        sums = torch.cat([values, counts])  # only the stage holding layer k has non-zeros
+        torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        count = sums[2].clamp(min=1.0)
+        return {"gva loss": sums[0] / count, "gva cos": sums[1] / count, "gva dropped samples": sums[3]}
 
     def end_step(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Step metrics, identical on every rank: lm loss, (z loss), gva loss, gva cos, loss,
-        as 0-d tensors on the device (``read_metrics`` turns them into floats)."""
+        as 0-d tensors on the device (``read_metrics`` turns them into floats).
+
+        Collective over TP/PP/DP. For callers that run the schedule themselves;
+        megatron.training reduces the loss reports on its own.
+        """
         sums = torch.zeros(3, dtype=torch.float64, device=torch.cuda.current_device())
         for record in losses_reduced:
-            sums += record["lm"].double().to(sums.device)
+            sums[0:2] += record["lm loss"].double().to(sums.device)
+            if "z loss" in record:
+                sums[2] += record["z loss"][0].double().to(sums.device)
         torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
-        count = sums[2].clamp(min=1.0)
+        count = sums[1].clamp(min=1.0)
         metrics = {"lm loss": sums[0] / count}
         total = metrics["lm loss"]
         if self.z_loss_weight:
-            metrics["z loss"] = sums[1] / count
+            metrics["z loss"] = sums[2] / count
             total = total + self.z_loss_weight * metrics["z loss"]
         if self.tap is not None:
-            metrics.update(self.tap.end_step())
-            metrics["gva dropped samples"] = self._dropped
+            metrics.update(self.alignment_metrics())
             total = total + self.arra.weight * metrics["gva loss"]
         metrics["loss"] = total
-        self._lm_scale = None
         return metrics
 
     # ----------------------------------------------------------------- per micro-batch
     def __call__(self, data_iterator, model):
-        if self._lm_scale is None:
-            raise RuntimeError("ARRAForwardStep.begin_step() must run before the schedule")
-        batch = next(data_iterator)
-        device = torch.cuda.current_device()
-        # Asynchronous copies (the loader pins its batches on a GPU machine).
-        tokens, labels, position_ids, loss_mask = (
-            batch[key].to(device, non_blocking=True) for key in ("tokens", "labels", "position_ids", "loss_mask"))
-        loss_mask = loss_mask.float()
+        if data_iterator is None:  # a pipeline stage that needs no data (megatron.training gives None)
+            return model(None, None, None), partial(self.loss_func, None, None, None)
+        batch, step = self._next(data_iterator, model)
         want_logits = self.z_loss_weight > 0
-        forward = partial(model, tokens, position_ids, None, labels=None if want_logits else labels)
-        if self.tap is not None and self.tap.holds_layer:
+        labels = batch["labels"]
+        forward = partial(model, batch["tokens"], batch["position_ids"], None, labels=None if want_logits else labels)
+        if self._holds_layer(model):
             if "arra_targets" not in batch:
                 raise KeyError("ARRA is on but the micro-batch has no 'arra_targets' (f_GF per sample); "
                                "give precomputed targets or an encoder, or turn ARRA off with --no-arra")
-            inputs = AlignmentInputs(  # w_t from the host copy of the labels: no device round trip
-                weights=position_weights(self.alignment_weights(batch)).to(device, non_blocking=True),
-                targets=batch["arra_targets"].to(device, non_blocking=True),
-            )
-            with self.tap.microbatch(inputs):
+            with self.tap.microbatch(AlignmentInputs(batch["arra_weights"], batch["arra_targets"])):
                 output = forward()
         else:
             output = forward()
-        return output, partial(self.loss_func, loss_mask, labels if want_logits else None)
+        return output, partial(self.loss_func, batch["loss_mask"].float(), labels if want_logits else None,
+                               step.lm_scale)
 
-    def loss_func(self, loss_mask: torch.Tensor, labels: Optional[torch.Tensor], output: torch.Tensor):
-        """Megatron loss function (2-output form): (loss to backprop, values to report)."""
+    def loss_func(self, loss_mask: torch.Tensor, labels: Optional[torch.Tensor], lm_scale: torch.Tensor,
+                  output: torch.Tensor):
+        """Megatron loss function: (loss to backprop, [num tokens,] reports as [sum, count])."""
         if labels is None:
             token_loss, z = output.float(), None
         else:  # output holds the vocab-parallel logits [b, s, v/tp]
@@ -198,10 +269,13 @@ class ARRAForwardStep:
             token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
             z = vocab_parallel_logsumexp(logits).pow(2)
         lm_sum = (token_loss * loss_mask).sum()
+        num_tokens = loss_mask.sum()
         objective = lm_sum
-        z_sum = torch.zeros_like(lm_sum)
+        report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens])}
         if z is not None:
             z_sum = (z * loss_mask).sum()
             objective = objective + self.z_loss_weight * z_sum
-        report = torch.stack([lm_sum.detach(), z_sum.detach(), loss_mask.sum()])
-        return objective * self._lm_scale.to(objective.dtype), {"lm": report}
+            report["z loss"] = torch.stack([z_sum.detach(), num_tokens])
+        if self.per_token_loss:
+            return objective, num_tokens.int(), report
+        return objective * lm_scale.to(objective.dtype), report

@@ -87,7 +87,8 @@ class Trainer:
                                          tensor_model_parallel_size=args.tensor_model_parallel_size,
                                          encoder_dim=self.online_targets.dim)
         self.step_fn = ARRAForwardStep(self.arra, self.data.image_token_range, self.bundle.tap,
-                                       z_loss_weight=args.z_loss_weight, online_targets=self.online_targets)
+                                       z_loss_weight=args.z_loss_weight, online_targets=self.online_targets,
+                                       num_microbatches=args.num_microbatches)
         self.iteration, self.consumed_samples = 0, 0
         if args.load:
             self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
@@ -112,7 +113,6 @@ class Trainer:
 
     def _run(self, microbatches, forward_only: bool) -> Dict[str, torch.Tensor]:
         a = self.args
-        self.step_fn.begin_step(microbatches)
         chunks = self.bundle.chunks
         data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
         losses = get_forward_backward_func()(

@@ -77,7 +77,8 @@ def run_case(arra_kwargs: dict) -> dict:
     # The GVA term is injected in backward; the forward output is h_k unchanged.
     assert torch.equal(out, hidden)
     out.backward(torch.zeros_like(out))  # no other loss: h gets lambda * dL_GVA/dh only
-    metrics = tap.end_step()
+    sums = tap.take_sums()
+    metrics = {"gva loss": sums[0] / int(num_aligned_samples(mask)), "gva cos": sums[1] / int(num_aligned_samples(mask))}
     ours_grad_h = hidden.grad
     ours_params = {n: p.grad.clone() for n, p in tap.projector.named_parameters()}
 

@@ -46,8 +46,7 @@ def megatron_outputs(ckpt: str, model_flags: list, tp: int, pp: int, samples: di
         gpt.output_layer.register_forward_hook(lambda mod, inp, out: captured.append(out[0].detach().clone()))
 
     mbs = [{k: v[i:i + 2] for k, v in samples.items()} for i in range(0, samples["tokens"].size(0), 2)]
-    step = ARRAForwardStep(arra_config(args), image_token_range, None)
-    step.begin_step(mbs)
+    step = ARRAForwardStep(arra_config(args), image_token_range, None, num_microbatches=len(mbs))
     with torch.no_grad():
         losses = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(mbs), model=bundle.chunks, num_microbatches=len(mbs),

@@ -39,8 +39,7 @@ def run() -> dict:
 
     samples = tiny.synthetic_samples(4, SEQ, seed=3, text_only_every=4)
     mbs = tiny.microbatches(samples, 2)
-    step = ARRAForwardStep(ARRAConfig(enabled=False), tiny.IMAGE_TOKEN_RANGE)
-    step.begin_step(mbs)
+    step = ARRAForwardStep(ARRAConfig(enabled=False), tiny.IMAGE_TOKEN_RANGE, num_microbatches=len(mbs))
     losses = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(mbs), model=off.chunks,
                                          num_microbatches=2, seq_length=SEQ, micro_batch_size=2, forward_only=True)
     metrics = read_metrics(step.end_step(losses))

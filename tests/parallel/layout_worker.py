@@ -173,13 +173,13 @@ def run_layout(ckpt_dir: str, layout: dict) -> dict:
     samples = tiny.synthetic_samples(GLOBAL_BATCH, SEQ, target_dim=TARGET_DIM, seed=11, text_only_every=3)
     mbs = tiny.microbatches(samples, layout.get("mbs", 2), dp_rank, dp)
 
-    step = ARRAForwardStep(arra, tiny.IMAGE_TOKEN_RANGE, bundle.tap, z_loss_weight=layout.get("z_loss", 0.0))
+    step = ARRAForwardStep(arra, tiny.IMAGE_TOKEN_RANGE, bundle.tap, z_loss_weight=layout.get("z_loss", 0.0),
+                           num_microbatches=len(mbs))
     loss_scale = layout.get("loss_scale", 1.0)
     if loss_scale != 1.0:  # as the fp16 optimizer's scale_loss does
         bundle.config.grad_scale_func = lambda loss: loss * loss_scale
     for chunk in bundle.chunks:
         chunk.zero_grad_buffer()
-    step.begin_step(mbs)
     data = [iter(mbs) for _ in bundle.chunks] if len(bundle.chunks) > 1 else iter(mbs)
     losses = get_forward_backward_func()(
         forward_step_func=step, data_iterator=data, model=bundle.chunks, num_microbatches=len(mbs),
