@@ -211,6 +211,8 @@ class ARRAForwardStep:
         sums = torch.cat([values, counts])  # only the stage holding layer k has non-zeros
         torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
         count = sums[2].clamp(min=1.0)
+        # Dropped: samples with an image but no usable target (a NaN feature row, an image that
+        # did not decode); their L_GVA term is masked.
         return {"gva loss": sums[0] / count, "gva cos": sums[1] / count, "gva dropped samples": sums[3]}
 
     def end_step(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

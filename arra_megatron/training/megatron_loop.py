@@ -109,11 +109,22 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
     return DataLayout(profile.vocab_size, tuple(profile.image_token_range), target_dim)
 
 
-def prepare_args(args: argparse.Namespace) -> DataLayout:
+def early_layout(argv=None) -> DataLayout:
+    """The data layout from the data flags alone: Megatron's argument parsing already builds the
+    tokenizer, which needs the vocabulary size (``--vocab-size``, default: the datasets')."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"):
+        parser.add_argument(flag, nargs="*")
+    parser.add_argument("--mock-data", action="store_true")
+    parser.add_argument("--vocab-size", type=int)
+    early, _ = parser.parse_known_args(argv)
+    if not early.mock_data and not any((early.data_path, early.train_data_path)):
+        return DataLayout(early.vocab_size or 0, (0, 0))  # --help, or Megatron names what is missing
+    return data_layout(early)
+
+
+def prepare_args(args: argparse.Namespace, layout: DataLayout) -> DataLayout:
     """Project rules on top of Megatron-LM's validation; fails before any work, naming the flag."""
-    layout = data_layout(args)
-    if not args.vocab_size:  # Megatron's NullTokenizer takes it from the flag
-        args.vocab_size = layout.vocab_size
     if args.arra_target_dim is None:
         args.arra_target_dim = layout.target_dim or 512
     if getattr(args, "context_parallel_size", 1) > 1 and args.arra:
@@ -357,8 +368,10 @@ def main(argv=None) -> None:
     cpu_mode.maybe_enable_cpu_mode()
     megatron_training.install()
     _single_process_env()
-    args = parse_and_validate_args(extra_args_provider=add_arguments, args_defaults=ARGS_DEFAULTS)
-    _Run.layout = prepare_args(args)
+    layout = early_layout(argv)
+    defaults = {**ARGS_DEFAULTS, **({"vocab_size": layout.vocab_size} if layout.vocab_size else {})}
+    args = parse_and_validate_args(extra_args_provider=add_arguments, args_defaults=defaults)
+    _Run.layout = prepare_args(args, layout)
     if args.log_json and int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1:  # the last stage
         _Run.json_log = JsonLog(args.log_json, args.log_interval)
     install_metric_hooks()

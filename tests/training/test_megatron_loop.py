@@ -31,9 +31,16 @@ TINY = (
 ).split()
 
 
-def loop(nproc: int, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def loop(nproc: int, *flags: str, timeout: float = 600, drop=()) -> subprocess.CompletedProcess:
+    """The loop under torchrun with TINY + ``flags`` (later flags win); ``drop``: TINY's flags to
+    leave out (with their value, if any)."""
+    tiny = []
+    for i, arg in enumerate(TINY):
+        if arg in drop or (i and TINY[i - 1] in drop and not arg.startswith("--")):
+            continue
+        tiny.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "arra_megatron.training.megatron_loop", *TINY, *flags]
+           f"--master-port={free_port()}", "-m", "arra_megatron.training.megatron_loop", *tiny, *flags]
     env = {**os.environ, "ARRA_CPU_MODE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -68,3 +68,20 @@ def test_samples_without_a_target_are_dropped_and_counted(tmp_path):
     curve = records(log)
     assert curve[1]["gva_dropped_samples"] == 2 and curve[2]["gva_dropped_samples"] == 2
     assert curve[1]["gva_loss"] > 0
+
+
+def test_megatron_loop_reads_the_dataset(dataset, tmp_path):
+    """Megatron-LM's loop on a built dataset: the vocabulary and D come from its manifest (no
+    --vocab-size, no --arra-target-dim), precomputed targets reach L_GVA, a --split cut gives a
+    validation set."""
+    from tests.training.test_megatron_loop import loop, records
+
+    log = tmp_path / "log.jsonl"
+    mock_free = ["--data-path", str(dataset / "data" / "ds"), "--split", "80,20,0", "--seq-length", "72",
+                 "--max-position-embeddings", "72", "--train-iters", "2", "--lr-decay-iters", "2",
+                 "--eval-interval", "2", "--log-json", str(log)]
+    loop(1, *mock_free, drop=("--mock-data", "--vocab-size", "--arra-target-dim"))
+    train, valid = records(log)
+    assert sorted(train) == [1, 2] and sorted(valid) == [2]
+    for record in (*train.values(), valid[2]):
+        assert 4.0 < record["lm_loss"] < 7.0 and 0.0 < record["gva_loss"] < 2.0, record
