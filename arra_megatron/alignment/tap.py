@@ -66,14 +66,19 @@ class ARRAStep:
     loss_scale: Union[float, torch.Tensor] = 1.0
 
     def gradient_scale(self, weight: float) -> torch.Tensor:
-        """S * lambda * G / max(N_gva, 1), a 0-d float64 tensor on the device."""
-        device = torch.cuda.current_device()
+        """S * lambda * G / max(N_gva, 1), a 0-d float64 tensor on the device.
 
-        def tensor(value):
-            return torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+        Device tensors stay where they are and numbers enter as Python scalars: making a
+        device tensor from a number is a host-to-device copy that waits for the GPU.
+        """
+        count = self.num_aligned_samples
+        if not isinstance(count, torch.Tensor):
+            count = torch.tensor(float(count), dtype=torch.float64, device=torch.cuda.current_device())
 
-        return tensor(self.loss_scale) * weight * tensor(self.gradient_divisor) / \
-            tensor(self.num_aligned_samples).clamp(min=1.0)
+        def wide(value):
+            return value.double().reshape(()) if isinstance(value, torch.Tensor) else float(value)
+
+        return wide(self.loss_scale) * weight * wide(self.gradient_divisor) / count.double().reshape(()).clamp(min=1.0)
 
 
 @dataclasses.dataclass
@@ -172,11 +177,10 @@ class ARRATap:
         self.seed = seed
         self.te_linear = te_linear  # projector from TE linears (the model uses the TE spec)
         self.layer = None
-        self.vp_stage: Optional[int] = None  # the virtual pipeline stage of the chunk holding layer k
-        self.chunk: Optional[ARRAModelChunk] = None  # that chunk
+        self.chunk: Optional[ARRAModelChunk] = None  # this rank's chunk holding layer k
         self.projector: Optional[MegatronModule] = None
         self._handle = None
-        self._step: Optional[ARRAStep] = None
+        self._scale: Optional[torch.Tensor] = None  # the current step's gradient scale (begin_step)
         self._current: Optional[AlignmentInputs] = None
         self._deferred: collections.deque = collections.deque()
         self._sums: Optional[torch.Tensor] = None
@@ -192,7 +196,6 @@ class ARRATap:
         if found is None:
             return chunks
         index, self.layer = found
-        self.vp_stage = getattr(chunks[index], "vp_stage", None)
         self.projector = build_projector(self.arra, self.config, seed=self.seed, te_linear=self.te_linear)
         chunks[index] = self.chunk = ARRAModelChunk(chunks[index], self.projector)
         self._handle = self.layer.register_forward_hook(self._hook)
@@ -201,6 +204,11 @@ class ARRATap:
     @property
     def holds_layer(self) -> bool:
         return self.layer is not None
+
+    @property
+    def vp_stage(self) -> Optional[int]:
+        """The virtual pipeline stage of the chunk holding layer k (None without VPP or layer k)."""
+        return None if self.chunk is None else self.chunk.vp_stage
 
     def is_holder(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` (a chunk, bare or wrapped in DDP / Float16Module) holds layer k."""
@@ -213,7 +221,7 @@ class ARRATap:
     # ------------------------------------------------------------------ steps
     def begin_step(self, step: ARRAStep) -> None:
         """The scale of the coming micro-batches' L_GVA gradient (sums keep adding up)."""
-        self._step = step
+        self._scale = step.gradient_scale(self.arra.weight)  # once per step, not per micro-batch
         self._deferred.clear()
 
     @contextlib.contextmanager
@@ -236,7 +244,7 @@ class ARRATap:
 
     # ------------------------------------------------------------------ the hook
     def _inputs(self) -> AlignmentInputs:
-        if self._step is None or self._current is None:
+        if self._scale is None or self._current is None:
             raise RuntimeError(
                 "layer k ran without alignment inputs: call ARRATap.begin_step() and run the model "
                 "inside ARRATap.microbatch() (training/forward_step.py does both)"
@@ -276,7 +284,7 @@ class ARRATap:
 
     def _attach(self, hidden: torch.Tensor, inputs: AlignmentInputs) -> torch.Tensor:
         loss_sum = self._partial_sums(hidden, inputs)
-        hidden = GVAGradInjector.apply(hidden, loss_sum, self._step.gradient_scale(self.arra.weight))
+        hidden = GVAGradInjector.apply(hidden, loss_sum, self._scale)
         # The identity comes back as a view of its input; when layer k ends a pipeline stage that
         # view is the stage's output, which Megatron's schedules free early
         # (deallocate_pipeline_outputs) and therefore require to be viewless.

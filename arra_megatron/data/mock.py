@@ -8,13 +8,23 @@ that depend on the image tokens (so L_GVA can fall).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from arra_megatron.data.samples import sample_from_document
 
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
+
+#: Index offsets of the mock's train, validation and test splits: indices no training step
+#: reaches, below 2**32 (each index seeds a torch generator, and torch keeps only the low 32
+#: bits of a seed: an offset of 1 << 40 was sample 0 again).
+SPLIT_OFFSETS = (0, 1 << 31, 1 << 30)
+
+
+def mock_image_token_range(vocab_size: int) -> Tuple[int, int]:
+    """The image ids of a mock vocabulary of ``vocab_size``: its upper half."""
+    return (vocab_size // 2, vocab_size)
 
 
 class MockARRADataset:
@@ -34,7 +44,7 @@ class MockARRADataset:
 
     @property
     def image_token_range(self) -> Tuple[int, int]:
-        return (self.vocab_size // 2, self.vocab_size)
+        return mock_image_token_range(self.vocab_size)
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
@@ -52,3 +62,19 @@ class MockARRADataset:
         sample["arra_targets"] = histogram @ self._target_map / self.num_image_tokens
         sample["sample_id"] = torch.tensor(int(index))
         return sample
+
+
+class MockSplit:
+    """One split of a mock dataset: its indices shifted by ``SPLIT_OFFSETS[split]``; ``size``
+    samples long when given (Megatron's samplers ask a dataset for its length)."""
+
+    def __init__(self, mock: MockARRADataset, split: int, size: Optional[int] = None):
+        self.mock, self.offset, self.size = mock, SPLIT_OFFSETS[split], size
+
+    def __len__(self) -> int:
+        if self.size is None:
+            raise TypeError("this mock split has no length (give size)")
+        return self.size
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return self.mock[self.offset + int(index)]

@@ -8,7 +8,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from arra_megatron.data.mock import MockARRADataset
+from arra_megatron.data.mock import MockARRADataset, MockSplit
 
 
 @dataclasses.dataclass
@@ -17,20 +17,6 @@ class TrainingData:
     valid: Optional[Any]
     vocab_size: int
     image_token_range: Tuple[int, int]
-
-
-# Mock validation samples: indices no training step reaches. Below 2**32: the mock seeds a
-# torch generator per index, and torch keeps only the low 32 bits of a seed (1 << 40 was
-# sample 0 again, so validation measured the first training samples).
-_VALID_OFFSET = 1 << 31
-
-
-class _Offset:
-    def __init__(self, source, offset: int):
-        self.source, self.offset = source, offset
-
-    def __getitem__(self, index: int):
-        return self.source[self.offset + index]
 
 
 class RankBatchSampler:
@@ -88,7 +74,7 @@ def build_training_data(args: argparse.Namespace) -> TrainingData:
     if args.mock_data:
         mock = MockARRADataset(args.vocab_size, args.seq_length, args.arra_target_dim, seed=args.seed,
                                loss_on_text=args.loss_on_text)
-        return TrainingData(mock, _Offset(mock, _VALID_OFFSET), args.vocab_size, mock.image_token_range)
+        return TrainingData(mock, MockSplit(mock, 1), args.vocab_size, mock.image_token_range)
     from arra_megatron.data.dataset import build_arra_datasets
 
     per_split = [args.train_data_path, args.valid_data_path, args.test_data_path] if args.train_data_path else None

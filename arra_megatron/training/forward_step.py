@@ -130,14 +130,6 @@ class ARRAForwardStep:
         self._gva_counts: Optional[torch.Tensor] = None  # [N_gva, dropped] since the last metrics read
 
     # ----------------------------------------------------------------- per step
-    def aligned_positions(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The aligned positions P_b of each sample ([b, s] bool): the target's positions, for
-        samples whose f_GF is valid."""
-        mask = alignment_mask(batch["labels"], self.image_token_range, self.arra.target)
-        if "arra_valid" in batch:
-            mask = mask & batch["arra_valid"].bool().to(mask.device).unsqueeze(1)
-        return mask
-
     def _holds_layer(self, model) -> bool:
         return self.tap is not None and self.tap.is_holder(model)
 
@@ -153,12 +145,15 @@ class ARRAForwardStep:
         for batch in batches:
             counts[0] += batch["loss_mask"].double().sum()
             if holds:
-                mask = self.aligned_positions(batch)
-                with_image = num_aligned_samples(alignment_mask(batch["labels"], self.image_token_range,
-                                                                self.arra.target))
-                counts[1] += num_aligned_samples(mask)
-                counts[2] += with_image - num_aligned_samples(mask)
-                batch["arra_weights"] = position_weights(mask)
+                # P_b: the target's positions, for the samples whose f_GF is valid.
+                positions = alignment_mask(batch["labels"], self.image_token_range, self.arra.target)
+                aligned = positions
+                if "arra_valid" in batch:
+                    aligned = positions & batch["arra_valid"].bool().unsqueeze(1)
+                num_aligned = num_aligned_samples(aligned)
+                counts[1] += num_aligned
+                counts[2] += num_aligned_samples(positions) - num_aligned
+                batch["arra_weights"] = position_weights(aligned)
         counts = counts.to(device, non_blocking=True)
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         dp = parallel_state.get_data_parallel_world_size()

@@ -97,7 +97,9 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
     if args.mock_data:
         if not args.vocab_size:
             raise SystemExit("--mock-data needs --vocab-size")
-        return DataLayout(args.vocab_size, (args.vocab_size // 2, args.vocab_size))
+        from arra_megatron.data.mock import mock_image_token_range
+
+        return DataLayout(args.vocab_size, mock_image_token_range(args.vocab_size))
     from arra_megatron.data.dataset import read_layout
     from arra_megatron.training.arguments import data_prefixes
 
@@ -159,10 +161,9 @@ def _transformer_config(args):
 
 
 def padded_vocab_size(args) -> int:
-    from megatron.training.vocab_utils import calculate_padded_vocab_size
+    from arra_megatron.models.gpt import pad_vocab_size
 
-    return calculate_padded_vocab_size(_Run.layout.vocab_size, args.make_vocab_size_divisible_by,
-                                       args.tensor_model_parallel_size, logging_enabled=False)
+    return pad_vocab_size(_Run.layout.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by)
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
@@ -194,24 +195,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
 
 # ----------------------------------------------------------------------------- data
-class _Split(torch.utils.data.Dataset):
-    """``--mock-data``: a sized window of the mock's index space per split."""
-
-    def __init__(self, mock, size: int, offset: int):
-        self.mock, self.size, self.offset = mock, size, offset
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index):
-        return self.mock[self.offset + int(index)]
-
-
-#: Mock index offsets of the validation and test splits (below 2**32: the mock seeds a torch
-#: generator per index and torch keeps only a seed's low 32 bits).
-MOCK_SPLIT_OFFSETS = (0, 1 << 30, 1 << 31)
-
-
 def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None):
     """(train, valid, test) on the ranks whose chunks read data: the first stage (tokens), the
     last (labels, loss mask) and the one holding layer k (labels, targets); None elsewhere."""
@@ -226,11 +209,11 @@ def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None
         return None, None, None
     sizes = [int(n or 0) for n in train_val_test_num_samples]
     if args.mock_data:
-        from arra_megatron.data.mock import MockARRADataset
+        from arra_megatron.data.mock import MockARRADataset, MockSplit
 
         mock = MockARRADataset(_Run.layout.vocab_size, args.seq_length, args.arra_target_dim, seed=args.seed,
                                loss_on_text=args.arra_loss_on_text)
-        return tuple(_Split(mock, max(n, 1), offset) for n, offset in zip(sizes, MOCK_SPLIT_OFFSETS))
+        return tuple(MockSplit(mock, split, max(n, 1)) for split, n in enumerate(sizes))
     from arra_megatron.data.dataset import build_arra_datasets
 
     per_split = [args.train_data_path, args.valid_data_path, args.test_data_path] if args.train_data_path else None
