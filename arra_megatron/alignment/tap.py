@@ -114,7 +114,8 @@ class ARRAModelChunk(MegatronModule):
     The GPT stays ``self.module`` (so Megatron's ``get_attr_wrapped_model`` finds
     ``set_input_tensor`` and friends) and its state dict keys are untouched; the
     projector's keys live under ``arra_projector.`` in the sharded state dict, and
-    it is never part of an exported model.
+    it is never part of an exported model. ``projector_in_checkpoint = False`` leaves the
+    projector out of what is loaded (fine-tuning from a plain GPT: it keeps its initialisation).
     """
 
     def __init__(self, gpt: MegatronModule, projector: MegatronModule):
@@ -122,6 +123,7 @@ class ARRAModelChunk(MegatronModule):
         self.module = gpt
         self.arra_projector = projector
         self.vp_stage = getattr(gpt, "vp_stage", None)
+        self.projector_in_checkpoint = True
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -138,6 +140,8 @@ class ARRAModelChunk(MegatronModule):
         ours = {k[len("arra_projector."):]: v for k, v in state_dict.items() if k.startswith("arra_projector.")}
         rest = {k: v for k, v in state_dict.items() if not k.startswith("arra_projector.")}
         model_keys = self.module.load_state_dict(rest, strict=strict)
+        if not self.projector_in_checkpoint:
+            return model_keys
         projector_keys = self.arra_projector.load_state_dict(ours, strict=strict)
         return torch.nn.modules.module._IncompatibleKeys(
             model_keys.missing_keys + [f"arra_projector.{k}" for k in projector_keys.missing_keys],
@@ -146,7 +150,8 @@ class ARRAModelChunk(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         state = self.module.sharded_state_dict(prefix, sharded_offsets, metadata)
-        state.update(self.arra_projector.sharded_state_dict(f"{prefix}arra_projector.", (), metadata))
+        if self.projector_in_checkpoint:
+            state.update(self.arra_projector.sharded_state_dict(f"{prefix}arra_projector.", (), metadata))
         return state
 
 

@@ -29,11 +29,12 @@ import functools
 import json
 import os
 import re
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from arra_megatron.config import ARRAConfig
+from arra_megatron.config import AGGREGATIONS, OBJECTIVES, PROJECTORS, TARGETS, ARRAConfig, ARRAConfigError
+from arra_megatron.encoders import SPEC_HELP as ENCODER_SPEC_HELP
 
 #: Settings the loop needs whatever the command line says.
 ARGS_DEFAULTS = {"tokenizer_type": "NullTokenizer"}
@@ -43,17 +44,25 @@ ARGS_DEFAULTS = {"tokenizer_type": "NullTokenizer"}
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``extra_args_provider``: the ARRA flags (one per ARRAConfig field) and the project's own."""
     _escape_stray_percent(parser)
+    parser.set_defaults(**project_defaults(parser))
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file whose keys are this program's flags without -- (e.g. 'num-layers: 24', "
+                             "'swiglu: true', 'bias-swiglu-fusion: false'); the command line wins")
     g = parser.add_argument_group("ARRA")
     g.add_argument("--arra", action=argparse.BooleanOptionalAction, default=True,
                    help="the alignment loss (--no-arra: plain next-token training)")
     g.add_argument("--arra-align-layer", type=int, default=1, help="k: 1-based global layer aligned")
     g.add_argument("--arra-weight", type=float, default=1.0, help="lambda, the weight of L_GVA")
-    g.add_argument("--arra-objective", choices=["cos", "mse"], default="cos")
-    g.add_argument("--arra-target", choices=["hybnext", "rep"], default="hybnext")
-    g.add_argument("--arra-projector", choices=["mlp", "pool"], default="mlp")
+    g.add_argument("--arra-objective", choices=OBJECTIVES, default="cos")
+    g.add_argument("--arra-target", choices=TARGETS, default="hybnext")
+    g.add_argument("--arra-projector", choices=PROJECTORS, default="mlp")
     g.add_argument("--arra-target-dim", type=int, help="D, the dimension of f_GF (default: the dataset's "
                    "feature table; 512 with --mock-data)")
-    g.add_argument("--arra-aggregation", choices=["cls", "avgpool", "concat"], default="cls")
+    g.add_argument("--arra-aggregation", choices=AGGREGATIONS, default="cls")
+    g.add_argument("--arra-targets", choices=["precomputed", "online"], default="precomputed",
+                   help="f_GF from the dataset's feature table, or computed during training by --arra-encoder "
+                        "on the stage holding layer k")
+    g.add_argument("--arra-encoder", help=f"frozen target encoder for --arra-targets online: {ENCODER_SPEC_HELP}")
     g.add_argument("--arra-z-loss-weight", type=float, default=0.0, help="z-loss weight (1e-5 in the paper's 7B runs)")
     g.add_argument("--arra-condition-dropout-prob", type=float, default=0.0,
                    help="drop the condition of this fraction of samples (classifier-free guidance)")
@@ -67,6 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+@dataclasses.dataclass
+class DataLayout:
+    """What the model and the loss need to know about the data before it is built."""
+
+    vocab_size: int                        # ids the tokenizer produces (logits above are masked)
+    image_token_range: Tuple[int, int]
+    target_dim: Optional[int] = None       # D of the feature table
+
+
 def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
     """megatron-core 0.19.2 writes a bare "%" in a help text (--moe-paged-stash-buffer-size-factor-cuda,
     "e.g. 1.10 = 10%)"), which makes argparse's --help raise; escape the ones that are not
@@ -77,19 +95,96 @@ def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
                                  action.help)
 
 
-def arra_config(args: argparse.Namespace) -> ARRAConfig:
-    return ARRAConfig(enabled=args.arra, align_layer=args.arra_align_layer, weight=args.arra_weight,
-                      objective=args.arra_objective, target=args.arra_target, projector=args.arra_projector,
-                      target_dim=args.arra_target_dim, aggregation=args.arra_aggregation)
+#: Megatron-Core 0.19's flags without a usable default: ``--eval-interval`` None makes
+#: ``get_train_valid_test_num_samples`` divide by None; 1000 is Megatron-LM's long-standing default.
+DEFAULTS = {"eval_interval": 1000}
+#: What a CPU-mode process cannot use (no NCCL, no Transformer Engine, no CUDA fusion kernels);
+#: defaults only, so a flag on the command line still wins.
+CPU_MODE_DEFAULTS = {
+    "distributed_backend": "gloo", "transformer_impl": "local", "gradient_accumulation_fusion": False,
+    "bias_swiglu_fusion": False, "bias_gelu_fusion": False, "bias_dropout_fusion": False,
+    "apply_rope_fusion": False, "masked_softmax_fusion": False, "no_persist_layer_norm": True,
+}
 
 
-@dataclasses.dataclass
-class DataLayout:
-    """What the model and the loss need to know about the data before it is built."""
+def project_defaults(parser: argparse.ArgumentParser) -> dict:
+    from arra_megatron.runtime import cpu_mode
 
-    vocab_size: int                        # ids the tokenizer produces (logits above are masked)
-    image_token_range: Tuple[int, int]
-    target_dim: Optional[int] = None       # D of the feature table
+    dests = {action.dest: action.default for action in parser._actions}
+    defaults = {k: v for k, v in DEFAULTS.items() if k in dests and dests[k] is None}
+    if cpu_mode.is_enabled():
+        defaults.update({k: v for k, v in CPU_MODE_DEFAULTS.items() if k in dests})
+    return defaults
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Megatron-LM's parser with this project's flags (what ``--help`` and ``--config`` know)."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(prog="pretrain_arra.py", allow_abbrev=False)
+    return add_arguments(add_megatron_arguments(parser))
+
+
+#: Keys of recipes written for the trainer before it moved onto Megatron-LM's loop.
+RENAMED_KEYS = {"z_loss_weight": "arra-z-loss-weight", "condition_dropout_prob": "arra-condition-dropout-prob",
+                "loss_on_text": "arra-loss-on-text"}
+
+
+class ConfigError(ValueError):
+    """A ``--config`` file that does not fit the flags; the message names the key."""
+
+
+def expand_config(argv: List[str], parser: Optional[argparse.ArgumentParser] = None) -> List[str]:
+    """``--config FILE.yaml`` replaced by the flags it holds, placed before the rest of the command
+    line so that a flag given there wins (argparse keeps the last value)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    if not known.config:
+        return list(argv)
+    import yaml
+
+    path = known.config
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    parser = parser or build_parser()
+    by_dest: Dict[str, list] = {}
+    for action in parser._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    flags: List[str] = []
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest in RENAMED_KEYS:
+            raise ConfigError(f"--config {path}: {key!r} is now {RENAMED_KEYS[dest]!r}")
+        flags += _config_flags(path, key, value, by_dest.get(dest, []))
+    return flags + rest
+
+
+def _config_flags(path: str, key, value, actions: list) -> List[str]:
+    """The command-line form of one YAML entry."""
+    if not actions or actions[0].dest in ("config", "help"):
+        raise ConfigError(f"--config {path}: unknown key {key!r} (keys are this program's flags)")
+    switches = [a for a in actions if a.nargs == 0]
+    if switches:
+        if not isinstance(value, bool):
+            raise ConfigError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
+        for action in switches:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                return [("--" if value else "--no-") + action.option_strings[0].lstrip("-")]
+            if action.const == value:
+                return [action.option_strings[0]]
+        if value == switches[0].default:
+            return []  # already the default; there is no flag that sets it
+        raise ConfigError(f"--config {path}: no flag sets {key} to {value}")
+    action = actions[0]
+    values = value if isinstance(value, list) else (str(value).split() if action.nargs in ("+", "*") else [value])
+    if value is None:
+        return []
+    return [action.option_strings[0]] + [str(v) for v in values]
 
 
 def data_layout(args: argparse.Namespace) -> DataLayout:
@@ -100,14 +195,20 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
         from arra_megatron.data.mock import mock_image_token_range
 
         return DataLayout(args.vocab_size, mock_image_token_range(args.vocab_size))
+    from arra_megatron.data.checks import data_prefixes
     from arra_megatron.data.dataset import read_layout
-    from arra_megatron.training.arguments import data_prefixes
 
-    paths = [path for path in (args.data_path, args.train_data_path, args.valid_data_path, args.test_data_path)
-             if path]
-    if not paths:
+    named = [(flag, path) for flag, path in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
+                                             ("--valid-data-path", args.valid_data_path),
+                                             ("--test-data-path", args.test_data_path)) if path]
+    if not named:
         raise SystemExit("give --data-path (or --train-data-path ...) or --mock-data")
-    profile, target_dim = read_layout([prefix for path in paths for prefix in data_prefixes(path)])
+    prefixes = [prefix for flag, path in named for prefix in data_prefixes(path, flag)]
+    for prefix in prefixes:
+        if not os.path.isfile(prefix + ".json"):
+            raise SystemExit(f"{prefix}: no dataset there (no {prefix}.json; build it with "
+                             "tools/build_indexed_dataset.py)")
+    profile, target_dim = read_layout(prefixes)
     return DataLayout(profile.vocab_size, tuple(profile.image_token_range), target_dim)
 
 
@@ -127,14 +228,89 @@ def early_layout(argv=None) -> DataLayout:
 
 def prepare_args(args: argparse.Namespace, layout: DataLayout) -> DataLayout:
     """Project rules on top of Megatron-LM's validation; fails before any work, naming the flag."""
+    from arra_megatron.data.checks import check_data_flags
+
+    online = args.arra and args.arra_targets == "online"
+    if args.mock_data and (args.data_path or args.train_data_path):
+        raise SystemExit("--mock-data and --data-path / --train-data-path are exclusive; give one")
+    if (args.valid_data_path or args.test_data_path) and not args.train_data_path:
+        raise SystemExit("--valid-data-path and --test-data-path go with --train-data-path (with --data-path, "
+                         "--split carves the held-out sets out of it)")
+    if not 0.0 <= args.arra_condition_dropout_prob <= 1.0:
+        raise SystemExit("--arra-condition-dropout-prob must be in [0, 1] (1 trains an unconditional model); got "
+                         f"{args.arra_condition_dropout_prob}")
+    if args.qk_layernorm_per_head and not args.qk_layernorm:
+        raise SystemExit("--qk-layernorm-per-head needs --qk-layernorm")
+    if online:
+        if args.mock_data:
+            raise SystemExit("--arra-targets online reads the images of a dataset; it does not go with --mock-data")
+        if not args.arra_encoder:
+            raise SystemExit("--arra-targets online needs --arra-encoder")
+        try:
+            from arra_megatron.encoders import parse_encoder_spec
+
+            parse_encoder_spec(args.arra_encoder)
+        except ValueError as err:
+            raise SystemExit(f"--arra-encoder: {err}") from None
+        if args.arra_target_dim is None:
+            args.arra_target_dim = online_encoder_dim(args)
     if args.arra_target_dim is None:
         args.arra_target_dim = layout.target_dim or 512
     if getattr(args, "context_parallel_size", 1) > 1 and args.arra:
         raise SystemExit("ARRA does not support --context-parallel-size > 1 (L_GVA would need a CP reduction)")
-    arra_config(args).validate_for_model(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                                         tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                         encoder_dim=layout.target_dim if args.arra else None)
+
+    def check_encoder_dim(encoder_dim=None, layout_has_images=True):
+        arra_config(args).validate_for_model(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                                             tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                             encoder_dim=encoder_dim if args.arra else None,
+                                             layout_has_images=layout_has_images)
+
+    try:
+        check_encoder_dim()
+        check_data_flags(args, check_encoder_dim)
+    except (ARRAConfigError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    for flag, root in (("--load", args.load), ("--pretrained-checkpoint", args.pretrained_checkpoint)):
+        check_checkpoint_dir(flag, root)
     return layout
+
+
+def check_checkpoint_dir(flag: str, root: Optional[str]) -> None:
+    """A checkpoint written by the project's trainer before Megatron-LM's loop fails here with the
+    command that converts it; iteration directories newer than the tracker (a save that did not
+    finish) are named, since Megatron-LM skips them silently."""
+    import glob
+
+    from arra_megatron.training import checkpoints
+
+    if not root or not os.path.isfile(os.path.join(root, checkpoints.TRACKER_FILE)):
+        return
+    try:
+        path = checkpoints.resolve(root)
+    except checkpoints.CheckpointError as err:
+        raise SystemExit(f"{flag}: {err}") from None
+    latest = os.path.basename(path)
+    if int(os.environ.get("RANK", "0")) == 0 and latest.startswith("iter_"):
+        for newer in sorted(glob.glob(os.path.join(root, "iter_*"))):
+            if os.path.basename(newer) > latest:
+                print(f"WARNING: {flag} {root}: ignoring incomplete checkpoint {newer} ({checkpoints.TRACKER_FILE} "
+                      f"names {latest}: that save did not finish)", flush=True)
+
+
+def online_encoder_dim(args: argparse.Namespace) -> int:
+    """D of ``--arra-encoder`` (loaded on the CPU once, before any work)."""
+    from arra_megatron.encoders import load_encoder
+
+    try:
+        return load_encoder(args.arra_encoder, args.arra_aggregation, device=torch.device("cpu")).dim
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"--arra-encoder {args.arra_encoder}: {err}") from None
+
+
+def arra_config(args: argparse.Namespace) -> ARRAConfig:
+    return ARRAConfig(enabled=args.arra, align_layer=args.arra_align_layer, weight=args.arra_weight,
+                      objective=args.arra_objective, target=args.arra_target, projector=args.arra_projector,
+                      target_dim=args.arra_target_dim, aggregation=args.arra_aggregation)
 
 
 # ----------------------------------------------------------------------------- run state
@@ -145,19 +321,40 @@ class _Run:
     config = None
     tap = None
     step = None
+    online_targets = None
     json_log: Optional["JsonLog"] = None
 
 
-def _transformer_config(args):
+def transformer_config(args: argparse.Namespace):
+    """Megatron-LM's TransformerConfig from its arguments (``core_transformer_config_from_args``) with
+    this project's switches (``ARRATransformerConfig``): the one mapping from flags to the model, used
+    by training, conversion and sampling alike."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from arra_megatron.models.norms import ARRATransformerConfig
     from arra_megatron.runtime import cpu_mode
 
-    if _Run.config is None:  # one config for every chunk: the schedules read model[0]'s
-        _Run.config = core_transformer_config_from_args(args, config_class=ARRATransformerConfig)
-        cpu_mode.configure(_Run.config)
-    return _Run.config
+    config = core_transformer_config_from_args(args, config_class=ARRATransformerConfig)
+    cpu_mode.configure(config)
+    return config
+
+
+def layer_backend(args: argparse.Namespace):
+    """``--transformer-impl local`` asks for Megatron-Core's local layers where TE would be the default."""
+    from arra_megatron.models.specs import default_backend
+
+    return "local" if args.transformer_impl == "local" and default_backend() == "te" else default_backend()
+
+
+def build_gpt(args: argparse.Namespace, config, vocab_rows: int, real_vocab_size: int, backend=None, **chunk):
+    """The GPT chunk Megatron-LM's arguments ``args`` describe (``chunk``: vp_stage, pre_process,
+    post_process, pg_collection); ``vocab_rows`` already padded, logits above ``real_vocab_size`` masked."""
+    from arra_megatron.models.gpt import build_gpt_chunk
+
+    return build_gpt_chunk(config, vocab_rows, args.max_position_embeddings, backend=backend or layer_backend(args),
+                           position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+                           share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                           real_vocab_size=real_vocab_size, **chunk)
 
 
 def padded_vocab_size(args) -> int:
@@ -172,17 +369,15 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     from megatron.training import get_args
 
     from arra_megatron.alignment.tap import ARRATap, find_layer
-    from arra_megatron.models.gpt import build_gpt_chunk
-    from arra_megatron.models.specs import default_backend
 
     args = get_args()
-    config = _transformer_config(args)
-    backend = "local" if args.transformer_impl == "local" and default_backend() == "te" else default_backend()
-    gpt = build_gpt_chunk(config, padded_vocab_size(args), args.max_position_embeddings, backend=backend,
-                          vp_stage=vp_stage, pre_process=pre_process, post_process=post_process,
-                          position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-                          share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                          real_vocab_size=_Run.layout.vocab_size, pg_collection=pg_collection)
+    if _Run.config is None:  # one config for every chunk: the schedules read model[0]'s
+        _Run.config = transformer_config(args)
+    config = _Run.config
+    backend = layer_backend(args)
+    gpt = build_gpt(args, config, padded_vocab_size(args), _Run.layout.vocab_size, backend=backend,
+                    vp_stage=vp_stage, pre_process=pre_process, post_process=post_process,
+                    pg_collection=pg_collection)
     arra = arra_config(args)
     if not arra.enabled:
         return gpt
@@ -190,6 +385,11 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         _Run.tap = ARRATap(arra, config, seed=args.seed, te_linear=backend == "te")
     if find_layer([gpt], arra.align_layer) is None:
         return gpt
+    if args.arra_targets == "online" and _Run.online_targets is None:  # f_GF where L_GVA is computed
+        from arra_megatron.training.targets import OnlineTargets
+
+        _Run.online_targets = OnlineTargets(args.arra_encoder, args.arra_aggregation, args.micro_batch_size,
+                                            bf16=True)
     (chunk,) = _Run.tap.attach([gpt])
     return chunk
 
@@ -220,7 +420,8 @@ def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None
     datasets, _ = build_arra_datasets(
         args.data_path, args.split, args.seq_length, args.seed, sizes, per_split=per_split,
         condition_dropout_prob=args.arra_condition_dropout_prob, loss_on_text=args.arra_loss_on_text,
-        with_features=args.arra)
+        with_features=args.arra and args.arra_targets == "precomputed",
+        with_images=args.arra and args.arra_targets == "online")
     return datasets
 
 
@@ -237,11 +438,53 @@ def forward_step(data_iterator, model):
         args = get_args()
         _Run.step = ARRAForwardStep(arra_config(args), _Run.layout.image_token_range, _Run.tap,
                                     z_loss_weight=args.arra_z_loss_weight,
-                                    per_token_loss=args.calculate_per_token_loss)
+                                    per_token_loss=args.calculate_per_token_loss,
+                                    online_targets=_Run.online_targets)
     return _Run.step(data_iterator, model)
 
 
 # ----------------------------------------------------------------------------- metrics
+def install_load_hook() -> None:
+    """Fine-tuning with ARRA from a checkpoint without a projector (an imported Hugging Face model, a
+    --no-arra run): the projector starts from its initialisation instead of failing the load. Wraps
+    ``training.py``'s ``load_checkpoint`` (megatron-core 0.19)."""
+    import megatron.training.training as training
+
+    original = training.load_checkpoint
+    if getattr(original, "_arra_fresh_projector", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(model, *args, **kwargs):
+        from megatron.training import get_args
+        from megatron.core.utils import unwrap_model
+
+        from arra_megatron.alignment.tap import ARRAModelChunk
+        from arra_megatron.training import checkpoints
+
+        margs = get_args()
+        holders = [m for m in unwrap_model(model) if isinstance(m, ARRAModelChunk)]
+        root = next((r for r in (margs.load, margs.pretrained_checkpoint)
+                     if r and os.path.isfile(os.path.join(r, checkpoints.TRACKER_FILE))), None)
+        path = checkpoints.resolve(root) if root and holders else None
+        fresh = path is not None and not checkpoints.has_projector(path)
+        if fresh and not (margs.finetune or os.path.basename(path) == "release" or root != margs.load):
+            raise SystemExit(f"{path} has no ARRA projector (a --no-arra run or an imported model): start ARRA "
+                             "from it with --finetune, or train on with --no-arra")
+        if fresh:
+            print(f"{path} has no ARRA projector: it starts from its initialisation", flush=True)
+        for holder in holders:
+            holder.projector_in_checkpoint = not fresh
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            for holder in holders:
+                holder.projector_in_checkpoint = True
+
+    load_checkpoint._arra_fresh_projector = True
+    training.load_checkpoint = load_checkpoint
+
+
 def install_metric_hooks() -> None:
     """Add "gva loss" and "gva cos" to megatron.training's loss dictionaries; ``--log-json``.
 
@@ -340,24 +583,50 @@ def _number(value):
 
 
 # ----------------------------------------------------------------------------- main
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, DataLayout]:
+    """Megatron-LM's parsing and validation (``parse_and_validate_args`` without setting its
+    globals) with ``--config`` expanded and the project's rules; any error exits before work starts,
+    naming the flag."""
+    import sys
+    from unittest import mock
+
+    from megatron.training import arguments as megatron_arguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = expand_config(argv)
+    except ConfigError as err:
+        raise SystemExit(f"pretrain_arra.py: error: {err}") from None
+    layout = early_layout(argv)
+    defaults = {**ARGS_DEFAULTS, **({"vocab_size": layout.vocab_size} if layout.vocab_size else {})}
+    with mock.patch.object(sys, "argv", [sys.argv[0]] + argv):
+        args = megatron_arguments.parse_args(add_arguments)
+    if args.use_checkpoint_args:
+        from megatron.training.checkpointing import load_args_from_checkpoint
+
+        load_args_from_checkpoint(args)
+    megatron_arguments.validate_args(args, defaults)
+    return args, prepare_args(args, layout)
+
+
 def main(argv=None) -> None:
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.global_vars import set_global_variables
 
-    from arra_megatron.runtime import cpu_mode, megatron_training
+    from arra_megatron.runtime import cpu_mode, faults, megatron_training
 
     cpu_mode.maybe_enable_cpu_mode()
     megatron_training.install()
     _single_process_env()
-    layout = early_layout(argv)
-    defaults = {**ARGS_DEFAULTS, **({"vocab_size": layout.vocab_size} if layout.vocab_size else {})}
-    args = parse_and_validate_args(extra_args_provider=add_arguments, args_defaults=defaults)
-    _Run.layout = prepare_args(args, layout)
+    args, _Run.layout = parse_args(argv)
+    set_global_variables(args)
     if args.log_json and int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1:  # the last stage
         _Run.json_log = JsonLog(args.log_json, args.log_interval)
     install_metric_hooks()
+    install_load_hook()
+    faults.install_megatron_fail_point()
     pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
 
