@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""ARRA pretraining on Megatron-Core. Launch with torchrun, e.g.
+"""ARRA pretraining through Megatron-LM's own training loop (``megatron.training.pretrain``).
+Launch with torchrun, e.g.
 
     torchrun --nproc-per-node 2 examples/pretrain_arra.py --config examples/configs/demo.yaml \\
-        --tensor-model-parallel-size 2
+        --mock-data --vocab-size 512 --tensor-model-parallel-size 2
 
-Flags follow Megatron-LM (``--help`` lists them); ``--arra-*`` flags set the alignment loss.
+Every Megatron-LM flag holds as Megatron-LM defines it (``--help`` lists them, ``--arra-*``
+set the alignment loss); ``arra_megatron/training/megatron_loop.py`` holds the providers.
 """
 
 import warnings
@@ -15,12 +17,9 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main() -> None:
-    from arra_megatron.training.arguments import parse_args
+    from arra_megatron.training.megatron_loop import main as pretrain
 
-    args = parse_args()  # every flag is checked before any process group exists
-    from arra_megatron.training.trainer import Trainer
-
-    Trainer(args).train()
+    pretrain()  # every flag is checked before any process group exists
 
 
 if __name__ == "__main__":  # dist checkpointing spawns processes: the guard is required

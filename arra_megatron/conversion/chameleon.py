@@ -63,7 +63,7 @@ def architecture_from_hf(config) -> GPTArchitecture:
                               "sublayer inputs")
     if float(config.rms_norm_eps) != QK_NORM_EPS:
         raise ConversionError(f"rms_norm_eps {config.rms_norm_eps}: transformers' Chameleon q/k LayerNorms use "
-                              f"{QK_NORM_EPS} whatever the config says, and the trainer's --norm-epsilon sets both "
+                              f"{QK_NORM_EPS} whatever the config says, and Megatron-LM's --norm-epsilon sets both "
                               "norms; only rms_norm_eps 1e-5 converts exactly")
     if config.hidden_size % config.num_attention_heads:
         raise ConversionError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
@@ -121,7 +121,8 @@ def hf_config(arch: GPTArchitecture, source: Optional[dict] = None, **extra):
     if not chameleon:
         raise ConversionError("no Chameleon import record (vocabulary_map, vq_config) found for this checkpoint: "
                               "export a checkpoint imported with tools/convert_checkpoint.py, or one trained "
-                              "from it with --load pointing at the import")
+                              "from it with --load or --pretrained-checkpoint pointing at the import, or "
+                              "give --import-dir")
     return ChameleonConfig(**llama.hf_config_kwargs(arch), vq_config=chameleon["vq_config"],
                            vocabulary_map=chameleon["vocabulary_map"], swin_norm=False, model_parallel_size=1,
                            architectures=list(ARCHITECTURES), **extra)
@@ -206,7 +207,7 @@ def write_import_extras(hf, config, out_dir: str, final_dir: str, record: dict) 
     try:
         profile.image_token_range
     except ValueError as err:
-        logger.warning("Chameleon's image tokens are not contiguous (%s): the trainer's range-based image masks "
+        logger.warning("Chameleon's image tokens are not contiguous (%s): the range-based image masks of training "
                        "cannot use this profile", err)
     write_json(os.path.join(out_dir, PROFILE_FILE), profile.to_dict())
     record["tokenizer_profile"], record["vq_model"] = PROFILE_FILE, VQ_DIR

@@ -1,19 +1,22 @@
-"""Import a Hugging Face directory into a trainer dist checkpoint, export one back.
+"""Import a Hugging Face directory into a Megatron-LM checkpoint, export one back.
 
 Import runs one CPU (gloo) process per TP x PP rank; each builds its GPTModel chunk for
-that layout, fills its shard from the Hugging Face safetensors (read lazily: a rank
-reads only the tensors of its own layers) and saves with dist checkpointing, in the
-layout ``arra_megatron.training.checkpointing`` reads: ``iter_0000000/`` with
-``arra_complete.json``, the tracker file, model state under ``model``, no optimizer.
-The trainer loads it with ``--load CKPT --finetune``.
+that layout from Megatron-LM's arguments (``training/megatron_loop.py``'s
+``transformer_config`` / ``build_gpt``), fills its shard from the Hugging Face safetensors
+(read lazily: a rank reads only the tensors of its own layers) and saves it with
+``training/checkpoints.py``'s ``save_model``: ``CKPT/release`` and the tracker file, the model
+under ``model`` and those arguments under ``args``, no optimizer (the form Megatron-LM's own
+converters write). Megatron-LM's loop starts from it with ``--load CKPT --finetune``.
 
-Export reads any trainer checkpoint (any TP / PP / VPP / DP, with or without optimizer
-state) in one process: dist-checkpoint keys are global, so it reads one layer (every
-TP / PP shard of it) at a time, maps it to Hugging Face names, and writes sharded safetensors.
+Export reads any Megatron-LM checkpoint (any TP / PP / VPP / DP, with or without optimizer
+state) in one process: the architecture from its saved arguments, the tensors by their
+global dist-checkpoint keys, one layer (every TP / PP shard of it) at a time, mapped to
+Hugging Face names and written as sharded safetensors.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -32,6 +35,7 @@ from arra_megatron.conversion.common import (
     check_new_output,
     global_parameter_names,
     layer_params,
+    layout_flags,
     sharded_key,
     staged_output,
     tp_shard,
@@ -135,12 +139,12 @@ def read_hf_config(path: str):
 def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 1,
                       pipeline_model_parallel_size: int = 1, dtype: str = "float32",
                       make_vocab_size_divisible_by: Optional[int] = None, timeout: float = 3600.0) -> dict:
-    """Convert ``hf_dir`` into a dist checkpoint at ``save`` for the given TP x PP layout.
+    """Convert ``hf_dir`` into a Megatron-LM checkpoint at ``save`` for the given TP x PP layout.
 
-    Returns the metadata record written beside it (``arra_conversion.json``).
-    ``make_vocab_size_divisible_by`` defaults to a value that leaves the vocabulary unpadded
-    (see ``exact_vocab_multiple``), so the trainer computes the Hugging Face model's loss.
-    Nothing is left at ``save`` unless the whole conversion succeeds.
+    Returns the import record written beside it (``arra_conversion.json``) with the checkpoint's
+    ``padded_vocab_size``. ``make_vocab_size_divisible_by`` defaults to a value that leaves the
+    vocabulary unpadded (see ``exact_vocab_multiple``). Nothing is left at ``save`` unless the
+    whole conversion succeeds.
     """
     from arra_megatron.models.gpt import pad_vocab_size
     from arra_megatron.runtime.launch import run_workers
@@ -151,7 +155,7 @@ def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(_DTYPES)}")
     if arch.rotary_base != int(arch.rotary_base):
-        raise ConversionError(f"rope_theta {arch.rotary_base} is not an integer; the trainer's --rotary-base is")
+        raise ConversionError(f"rope_theta {arch.rotary_base} is not an integer; Megatron-LM's --rotary-base is")
     if arch.num_layers % pp:
         raise ConversionError(f"{arch.num_layers} layers do not split over --pipeline-model-parallel-size {pp}")
     if arch.num_query_groups % tp or arch.num_attention_heads % tp or arch.ffn_hidden_size % tp:
@@ -168,40 +172,32 @@ def import_checkpoint(hf_dir: str, save: str, tensor_model_parallel_size: int = 
                               f"{sorted(expected - found)[:8]}, unexpected {sorted(found - expected)[:8]}")
     if make_vocab_size_divisible_by is None:
         make_vocab_size_divisible_by = exact_vocab_multiple(arch.vocab_size, tp)
+    args = arch.megatron_args(tp, pp, dtype, make_vocab_size_divisible_by)  # the checkpoint's description
     padded = pad_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
     if padded != arch.vocab_size:
-        logger.warning("vocabulary %d padded to %d for TP %d: the padded logits (zero rows) enter the softmax, so "
-                       "the loss differs slightly from the Hugging Face model's", arch.vocab_size, padded, tp)
+        logger.info("vocabulary %d padded to %d rows for TP %d (masked out of the loss); train with the same "
+                    "--make-vocab-size-divisible-by %d", arch.vocab_size, padded, tp, make_vocab_size_divisible_by)
     record = {
-        "architecture": dataclasses.asdict(arch),
         "hf_architecture": family.ARCHITECTURES[0],
-        "model_type": arch.model_type,
         "source": os.path.abspath(hf_dir),
-        "layout": {"tp": tp, "pp": pp},
-        "padded_vocab_size": padded,
-        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-        "dtype": dtype,
-        "trainer_flags": arch.trainer_flags() + [
-            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
-        ] + (["--bf16"] if dtype == "bfloat16" else ["--fp16"] if dtype == "float16" else []),
+        "trainer_flags": arch.trainer_flags() + layout_flags(tp, pp, dtype, make_vocab_size_divisible_by),
     }
     with staged_output(save, "--save") as tmp:
         record["tokenizer_files"] = copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_DIR))
         if hasattr(family, "write_import_extras"):  # e.g. Chameleon's VQ-VAE and tokenizer profile
             family.write_import_extras(hf, hf_config, tmp, save, record)
-        run_workers(_import_worker, tp * pp, hf_dir, tmp, record, timeout=timeout)
+        run_workers(_import_worker, tp * pp, hf_dir, tmp, arch, args, padded, timeout=timeout)
         write_json(os.path.join(tmp, METADATA_FILE), record)
     logger.info("imported %s into %s (TP %d x PP %d); train with: %s", hf_dir, save, tp, pp,
                 " ".join(record["trainer_flags"]) + f" --load {save} --finetune")
-    return record
+    return {**record, "padded_vocab_size": padded}
 
 
 def exact_vocab_multiple(vocab_size: int, tensor_model_parallel_size: int, up_to_tp: int = 8) -> int:
-    """The trainer's ``--make-vocab-size-divisible-by`` that keeps ``vocab_size`` unpadded:
-    padding adds logits the Hugging Face model does not have (they enter the softmax).
+    """The ``--make-vocab-size-divisible-by`` that keeps ``vocab_size`` unpadded: the checkpoint
+    then has the Hugging Face model's rows, whatever TP it is trained at.
 
-    The trainer pads to a multiple of this value times TP, so the value is chosen to leave
+    Megatron-LM pads to a multiple of this value times TP, so the value is chosen to leave
     the vocabulary unpadded at every TP up to ``up_to_tp`` when it can (the largest power of
     two <= 128 that does), then at this TP, else 1 (the smallest padding).
     """
@@ -214,44 +210,40 @@ def exact_vocab_multiple(vocab_size: int, tensor_model_parallel_size: int, up_to
     return 1
 
 
-def _import_worker(hf_dir: str, root: str, record: dict) -> None:
+def _import_worker(hf_dir: str, root: str, arch: GPTArchitecture, args: argparse.Namespace,
+                   padded_vocab_size: int) -> None:
     """One TP x PP rank: build this layout's chunk, fill it from Hugging Face, save. Collective.
 
     The chunk is built on the meta device (shapes, names and sharding only); each parameter
     is converted from the safetensors when dist checkpointing writes it
     (``_streaming_save_strategy``), so memory holds about one tensor at a time, not the model.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from arra_megatron.fileio import write_json_atomic
-    from arra_megatron.models.gpt import build_gpt_chunks
     from arra_megatron.runtime.distributed import initialize_model_parallel
-    from arra_megatron.training import checkpointing
+    from arra_megatron.training import checkpoints, megatron_loop
 
-    arch = GPTArchitecture.from_dict(record["architecture"])
     family = FAMILIES[arch.model_type]
-    tp, pp = record["layout"]["tp"], record["layout"]["pp"]
-    initialize_model_parallel(tp, pp)
+    tp = args.tensor_model_parallel_size
+    initialize_model_parallel(tp, args.pipeline_model_parallel_size)
     # No random initialisation (every parameter comes from Hugging Face), and no storage: with
     # init_model_with_meta_device Megatron also skips the tied-embedding all-reduce at PP > 1.
     # use_cpu_initialization: parameters are created without a device argument, so on the meta one.
-    config = arch.transformer_config(tp, pp, record["dtype"], perform_initialization=False,
-                                     use_cpu_initialization=True, init_model_with_meta_device=True)
+    config = dataclasses.replace(megatron_loop.transformer_config(args), perform_initialization=False,
+                                 use_cpu_initialization=True, init_model_with_meta_device=True)
     with torch.device("meta"):
-        chunks = build_gpt_chunks(config, record["padded_vocab_size"], arch.max_position_embeddings,
-                                  rotary_base=int(arch.rotary_base),
-                                  share_embeddings_and_output_weights=arch.tie_embeddings)
+        chunk = megatron_loop.build_gpt(args, config, padded_vocab_size, arch.vocab_size,
+                                        pre_process=ps.is_pipeline_first_stage(),
+                                        post_process=ps.is_pipeline_last_stage())
     hf = SafetensorsDir(hf_dir)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    params = [(name, param) for chunk in chunks for name, param in global_parameter_names(chunk)]
+    params = list(global_parameter_names(chunk))
     allocated = [name for name, param in params if not param.is_meta]
     if allocated:
         raise RuntimeError(f"import builds the model on the meta device, but {allocated[:4]} were allocated")
 
     def shard(name: str, param: torch.nn.Parameter, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        converted = tp_shard(name, family.megatron_tensor(name, read, arch, record["padded_vocab_size"]),
-                             param, tp_rank, tp)
+        converted = tp_shard(name, family.megatron_tensor(name, read, arch, padded_vocab_size), param, tp_rank, tp)
         if converted.shape != param.shape:
             raise ConversionError(f"{name}: converted shard {tuple(converted.shape)} does not fit the "
                                   f"parameter {tuple(param.shape)}")
@@ -264,21 +256,7 @@ def _import_worker(hf_dir: str, root: str, record: dict) -> None:
         with torch.no_grad():
             return torch.empty(param.shape, dtype=param.dtype).copy_(shard(name, param, hf))
 
-    path = checkpointing.iteration_dir(root, 0)
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        os.makedirs(path)
-    torch.distributed.barrier()
-    state = checkpointing.model_sharded_state_dict(chunks)
-    state.update(iteration=0, consumed_samples=0, conversion=record)
-    dist_checkpointing.save(state, path, sharded_strategy=_streaming_save_strategy(params, produce))
-    torch.distributed.barrier()
-    if rank == 0:
-        write_json_atomic(os.path.join(path, checkpointing.COMPLETE_FILE),
-                          {"iteration": 0, "consumed_samples": 0, "layout": {"tp": tp, "pp": pp},
-                           "imported_from": record["source"]})
-        write_json_atomic(os.path.join(root, checkpointing.TRACKER_FILE), 0)
-    torch.distributed.barrier()
+    checkpoints.save_model([chunk], root, args, sharded_strategy=_streaming_save_strategy(params, produce))
 
 
 def _storage_id(tensor: torch.Tensor) -> int:
@@ -376,100 +354,71 @@ def _streaming_save_strategy(params: List[Tuple[str, torch.nn.Parameter]],
 
 # ================================================================================ export
 def resolve_checkpoint(load: str) -> str:
-    """An iteration directory: ``load`` itself, or the newest complete one under it."""
-    from arra_megatron.training import checkpointing
+    """The iteration (or release) directory ``--load`` names, as Megatron-LM's loop reads it."""
+    from arra_megatron.training import checkpoints
 
-    if os.path.isfile(os.path.join(load, checkpointing.COMPLETE_FILE)):
-        return load
-    latest = checkpointing.find_latest_checkpoint(load)
-    if latest is None:
-        raise ConversionError(f"--load {load}: no complete checkpoint there (no iter_*/"
-                              f"{checkpointing.COMPLETE_FILE})")
-    return latest[1]
+    try:
+        return checkpoints.resolve(load)
+    except checkpoints.CheckpointError as err:
+        old = _read_record(load)
+        if old and "architecture" in old:  # imported before checkpoints took Megatron-LM's layout
+            raise ConversionError(f"--load {load} was imported before checkpoints moved to Megatron-LM's layout; "
+                                  f"import the model again: tools/convert_checkpoint.py import --hf "
+                                  f"{old.get('source', 'HF_DIR')} --save NEW_DIR") from None
+        raise ConversionError(str(err)) from None
 
 
-def _architecture_from_args(args: dict, vocab_size: Optional[int]) -> GPTArchitecture:
-    """A trainer run's architecture from the flags saved in its checkpoint."""
-    needed = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"]
-    missing = [n for n in needed if args.get(n) is None]
-    if missing:
-        raise ConversionError(f"the checkpoint's saved flags lack {missing}")
-    problems = []
-    if args.get("normalization") != "RMSNorm":
-        problems.append("--normalization RMSNorm")
-    if not args.get("swiglu"):
-        problems.append("--swiglu")
-    if not args.get("disable_bias_linear"):
-        problems.append("--disable-bias-linear")
-    if args.get("position_embedding_type") != "rope":
-        problems.append("--position-embedding-type rope")
-    per_head = bool(args.get("qk_layernorm_per_head"))
-    if args.get("qk_layernorm") and not per_head:
-        problems.append("no --qk-layernorm (or --qk-layernorm-per-head with it: Chameleon)")
-    if problems:
-        raise ConversionError("the checkpoint is not a Llama-style model; export needs " + ", ".join(problems))
-    heads = args["num_attention_heads"]
-    groups = args.get("num_query_groups") if args.get("group_query_attention") else heads
-    if vocab_size is None:
-        vocab_size = args.get("vocab_size")
-    from arra_megatron.training.arguments import data_prefixes, training_data_path
+def _read_record(directory: str) -> Optional[dict]:
+    """The import record (``METADATA_FILE``) in ``directory``, if any."""
+    file = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
 
-    if vocab_size is None and training_data_path(args):
+
+def checkpoint_vocab_size(args: argparse.Namespace) -> int:
+    """The unpadded vocabulary of a run: its ``--vocab-size``, else its datasets' manifests."""
+    if getattr(args, "vocab_size", None):
+        return int(args.vocab_size)
+    from arra_megatron.data.checks import data_prefixes, training_data_path
+
+    data_path = training_data_path(vars(args))
+    if data_path:
         from arra_megatron.data.dataset import read_manifest
 
         try:
-            vocab_size = max(read_manifest(p)["tokenizer_profile"]["vocab_size"]
-                             for p in data_prefixes(training_data_path(args)))
+            return max(read_manifest(p)["tokenizer_profile"]["vocab_size"] for p in data_prefixes(data_path))
         except (FileNotFoundError, KeyError):
-            vocab_size = None
-    if vocab_size is None:
-        raise ConversionError("the checkpoint does not record its vocabulary size (its --data-path manifests are "
-                              "not readable here); pass --vocab-size")
-    return GPTArchitecture(
-        num_layers=args["num_layers"], hidden_size=args["hidden_size"], ffn_hidden_size=args["ffn_hidden_size"],
-        num_attention_heads=heads, num_query_groups=groups,
-        kv_channels=args.get("kv_channels") or args["hidden_size"] // heads,
-        norm_epsilon=float(args.get("norm_epsilon", 1e-5)), rotary_base=float(args.get("rotary_base", 10000)),
-        vocab_size=int(vocab_size), tie_embeddings=not args.get("untie_embeddings_and_output_weights", False),
-        max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
-        model_type="chameleon" if per_head else "llama", qk_layernorm_per_head=per_head,
-    )
+            pass
+    raise ConversionError("the checkpoint does not record its vocabulary size (its --data-path manifests are "
+                          "not readable here); pass --vocab-size")
 
 
-def source_record(common: dict, path: str, import_dir: Optional[str] = None) -> Tuple[Optional[dict], Optional[str]]:
+def checkpoint_architecture(args: argparse.Namespace, vocab_size: Optional[int] = None) -> GPTArchitecture:
+    """The architecture of a checkpoint saved with Megatron-LM's arguments ``args``."""
+    return GPTArchitecture.from_args(args, vocab_size if vocab_size is not None else checkpoint_vocab_size(args))
+
+
+def source_record(args: argparse.Namespace, path: str,
+                  import_dir: Optional[str] = None) -> Tuple[Optional[dict], Optional[str]]:
     """The import record behind a checkpoint and the import's directory: ``import_dir``'s when
     given, else the checkpoint's own (an import exported as is), else that of the run's ``--load``
-    (a model trained from an import; a resumed run's ``--load`` is its own directory, so give
-    ``import_dir`` then)."""
+    or ``--pretrained-checkpoint`` (a model trained from an import; a resumed run's ``--load`` is
+    its own directory, so give ``import_dir`` then)."""
     if import_dir is not None:
-        file = os.path.join(import_dir, METADATA_FILE)
-        if not os.path.isfile(file):
+        record = _read_record(import_dir)
+        if record is None:
             raise ConversionError(f"--import-dir {import_dir}: no {METADATA_FILE} there (not an imported checkpoint)")
-        with open(file, encoding="utf-8") as f:
-            return json.load(f), import_dir
+        return record, import_dir
     candidates = [os.path.dirname(os.path.abspath(path))]
-    args = common.get("args") if isinstance(common.get("args"), dict) else {}
-    if args.get("load"):
-        load = os.path.abspath(args["load"])
-        candidates += [load, os.path.dirname(load)]
+    started_from = (getattr(args, "load", None), getattr(args, "pretrained_checkpoint", None))
+    candidates += [os.path.abspath(d) for d in started_from if d]
     for directory in candidates:
-        file = os.path.join(directory, METADATA_FILE)
-        if os.path.isfile(file):
-            with open(file, encoding="utf-8") as f:
-                return json.load(f), directory
-    return common.get("conversion"), None
-
-
-def checkpoint_architecture(common: dict, vocab_size: Optional[int] = None) -> GPTArchitecture:
-    if "conversion" in common:  # written by import_checkpoint
-        arch = dict(common["conversion"]["architecture"])
-        if vocab_size is not None:
-            arch["vocab_size"] = vocab_size
-        return GPTArchitecture.from_dict(arch)
-    if isinstance(common.get("args"), dict) and common["args"]:
-        return _architecture_from_args(common["args"], vocab_size)
-    raise ConversionError("the checkpoint records neither the trainer's flags nor an import record: "
-                          "its model layout is unknown")
+        record = _read_record(directory)
+        if record is not None:
+            return record, directory
+    return None, None
 
 
 def _check_layout(metadata: dict, arch: GPTArchitecture) -> int:
@@ -615,7 +564,8 @@ def parse_size(text) -> int:
 def export_checkpoint(load: str, hf_out: str, model_type: Optional[str] = None, vocab_size: Optional[int] = None,
                       max_shard_size="5GB", tokenizer: Optional[str] = None,
                       import_dir: Optional[str] = None) -> dict:
-    """Write the model of trainer checkpoint ``load`` as a transformers directory ``hf_out``.
+    """Write the model of Megatron-LM checkpoint ``load`` (its root or one iteration directory) as a
+    transformers directory ``hf_out``.
 
     One process, one layer (or the embeddings) in memory at a time. The
     ARRA projector, optimizer and RNG states are left out. Tokenizer files come from
@@ -655,12 +605,16 @@ def _export(path: str, hf_out: str, model_type: Optional[str], vocab_size: Optio
             tokenizer: Optional[str], import_dir: Optional[str] = None) -> dict:
     from megatron.core import dist_checkpointing
 
+    from arra_megatron.training import checkpoints
+
     try:
-        common = dist_checkpointing.load_common_state_dict(path)
+        args = checkpoints.saved_args(path)
         metadata = dist_checkpointing.load_tensors_metadata(path)
+    except checkpoints.CheckpointError as err:
+        raise ConversionError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - name the file whatever the reader raised
         raise ConversionError(f"--load {path}: not a readable dist checkpoint ({type(err).__name__}: {err})") from err
-    arch = checkpoint_architecture(common, vocab_size)
+    arch = checkpoint_architecture(args, vocab_size)
     if model_type is not None and arch.model_type != model_type:
         raise ConversionError(f"the checkpoint holds a {arch.model_type} model, not --model-type {model_type}")
     family = FAMILIES[arch.model_type]
@@ -670,7 +624,7 @@ def _export(path: str, hf_out: str, model_type: Optional[str], vocab_size: Optio
         logger.warning("leaving out the ARRA projector (%s): it is a training-time module, not part of the "
                        "generative model", ", ".join(projector))
     dtype = metadata["embedding.word_embeddings.weight"].dtype
-    source, source_dir = source_record(common, path, import_dir)
+    source, source_dir = source_record(args, path, import_dir)
     if tokenizer is None and source_dir and os.path.isdir(os.path.join(source_dir, TOKENIZER_DIR)):
         tokenizer = os.path.join(source_dir, TOKENIZER_DIR)  # a model trained from an import
     from transformers import GenerationConfig

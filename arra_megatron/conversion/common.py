@@ -10,8 +10,10 @@ onto the other.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -21,7 +23,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-METADATA_FILE = "arra_conversion.json"  # beside the imported checkpoint: the flags the trainer needs
+# Beside an imported checkpoint: what the Megatron checkpoint does not hold (the source, the flags
+# to train it with, a family's extras such as Chameleon's vocabulary map); the model itself is
+# described by the checkpoint's saved arguments.
+METADATA_FILE = "arra_conversion.json"
 
 
 class ConversionError(RuntimeError):
@@ -52,7 +57,8 @@ class GPTArchitecture:
                                   f"{self.num_query_groups} key/value groups")
 
     def trainer_flags(self) -> List[str]:
-        """The examples/pretrain_arra.py model flags that build this architecture."""
+        """The model flags of Megatron-LM's loop (``training/megatron_loop.py``) that build this
+        architecture."""
         flags = [
             "--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
             "--ffn-hidden-size", str(self.ffn_hidden_size), "--num-attention-heads", str(self.num_attention_heads),
@@ -69,43 +75,94 @@ class GPTArchitecture:
             flags += ["--qk-layernorm", "--qk-layernorm-per-head"]
         return flags
 
-    def trainer_args(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     dtype: str = "float32", extra: Sequence[str] = ()):
-        """The trainer's parsed and validated flags for this architecture at TP x PP (one data-parallel
-        rank, mock data, no ARRA, dropout off) plus ``extra`` flags."""
-        from arra_megatron.training.arguments import ArgumentError, build_parser, validate_args
-
-        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-        argv = self.trainer_flags() + [
-            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+    def megatron_args(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                      dtype: str = "float32", make_vocab_size_divisible_by: int = 128,
+                      extra: Sequence[str] = ()) -> argparse.Namespace:
+        """Megatron-LM's parsed and validated arguments for this architecture at TP x PP (one
+        data-parallel rank, mock data, no ARRA, no dropout) plus ``extra`` flags: what an
+        imported checkpoint saves as its description."""
+        argv = self.trainer_flags() + layout_flags(tensor_model_parallel_size, pipeline_model_parallel_size, dtype,
+                                                   make_vocab_size_divisible_by) + [
             "--seq-length", str(self.max_position_embeddings), "--micro-batch-size", "1",
             "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-4", "--mock-data", "--no-arra",
             "--hidden-dropout", "0", "--attention-dropout", "0",
-        ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, []) + list(extra)
-        args = build_parser().parse_args(argv)
-        try:
-            validate_args(args, world_size=tp * pp)
-        except ArgumentError as err:
-            raise ConversionError(f"the trainer refuses this architecture: {err}") from None
-        return args
-
-    def transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                           dtype: str = "float32", **overrides):
-        """The TransformerConfig the trainer builds for this architecture: the trainer's own flag
-        mapping (training/arguments.py ``transformer_config``), so both sides build the same model."""
-        from arra_megatron.training.arguments import transformer_config
-
-        config = transformer_config(self.trainer_args(tensor_model_parallel_size, pipeline_model_parallel_size,
-                                                      dtype))
-        return dataclasses.replace(config, **overrides) if overrides else config
+        ] + list(extra)
+        return parse_megatron_args(argv, tensor_model_parallel_size * pipeline_model_parallel_size)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GPTArchitecture":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    def from_args(cls, args: argparse.Namespace, vocab_size: int) -> "GPTArchitecture":
+        """The architecture Megatron-LM's arguments ``args`` (a checkpoint's saved ones) describe,
+        with the unpadded ``vocab_size``; fails on what the Hugging Face mapping would not
+        reproduce exactly. The inverse of ``trainer_flags``."""
+        def arg(name, default=None):
+            return getattr(args, name, default)
+
+        missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size") if arg(n) is None]
         if missing:
-            raise ConversionError(f"architecture record lacks {sorted(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+            raise ConversionError(f"the checkpoint's saved arguments lack {missing}")
+        per_head = bool(arg("qk_layernorm_per_head"))
+        needs = {  # flag to give -> whether the saved arguments contradict it
+            "--normalization RMSNorm": arg("normalization") != "RMSNorm",
+            "--swiglu": not arg("swiglu"),
+            "--disable-bias-linear": arg("add_bias_linear", True),
+            "--position-embedding-type rope": arg("position_embedding_type") != "rope",
+            "--rotary-percent 1.0": arg("rotary_percent", 1.0) != 1.0,
+            "no --add-qkv-bias": arg("add_qkv_bias", False),
+            "no --rotary-interleaved": arg("rotary_interleaved", False),
+            "no --use-rope-scaling": arg("use_rope_scaling", False),
+            "no --apply-layernorm-1p": arg("layernorm_zero_centered_gamma", False),
+            "no --apply-residual-connection-post-layernorm": arg("apply_residual_connection_post_layernorm", False),
+            "no --num-experts": arg("num_experts") is not None,
+            "no --qk-layernorm (or --qk-layernorm-per-head with it: Chameleon)": arg("qk_layernorm") and not per_head,
+        }
+        problems = [flag for flag, contradicted in needs.items() if contradicted]
+        if problems:
+            raise ConversionError("the checkpoint is not a Llama-style model; export needs " + ", ".join(problems))
+        heads = args.num_attention_heads
+        groups = args.num_query_groups if arg("group_query_attention") else heads
+        return cls(
+            num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+            num_attention_heads=heads, num_query_groups=groups,
+            kv_channels=arg("kv_channels") or args.hidden_size // heads,
+            norm_epsilon=float(arg("layernorm_epsilon", 1e-5)), rotary_base=float(arg("rotary_base", 10000)),
+            vocab_size=int(vocab_size), tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
+            max_position_embeddings=arg("max_position_embeddings") or args.seq_length,
+            model_type="chameleon" if per_head else "llama", qk_layernorm_per_head=per_head,
+        )
+
+
+def layout_flags(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, dtype: str,
+                 make_vocab_size_divisible_by: int) -> List[str]:
+    """The flags of a checkpoint's layout: parallel sizes, vocabulary padding, parameter dtype."""
+    return ["--tensor-model-parallel-size", str(tensor_model_parallel_size),
+            "--pipeline-model-parallel-size", str(pipeline_model_parallel_size),
+            "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
+            ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
+
+
+def parse_megatron_args(argv: Sequence[str], world_size: int) -> argparse.Namespace:
+    """``training/megatron_loop.py``'s parsing and validation of ``argv`` for a world of
+    ``world_size`` processes, in this process (no job is started); Megatron-LM's printout of
+    every argument is dropped, a refusal becomes a ConversionError."""
+    from unittest import mock
+
+    from arra_megatron.runtime import cpu_mode
+    from arra_megatron.training import megatron_loop
+
+    cpu_mode.maybe_enable_cpu_mode()
+    # Validation asserts CUDA_DEVICE_MAX_CONNECTIONS=1 at TP > 1; nothing runs on a GPU here.
+    env = {"RANK": "0", "WORLD_SIZE": str(world_size),
+           "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "1")}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args, _ = megatron_loop.parse_args(list(argv))
+    except SystemExit as error:  # argparse (its message on stderr) or the project's rules (the message)
+        reason = error.code if isinstance(error.code, str) else (err.getvalue().strip().splitlines() or ["?"])[-1]
+        raise ConversionError(f"Megatron-LM's arguments refuse this model: {reason}") from None
+    except (AssertionError, ValueError) as error:  # Megatron-LM's validate_args
+        raise ConversionError(f"Megatron-LM's arguments refuse this model: {error}") from None
+    return args
 
 
 # Megatron local (CPU / non-TE) names -> the sharded keys dist checkpoints store them under.

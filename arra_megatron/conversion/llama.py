@@ -6,7 +6,7 @@ only two layouts differ (design/MEGATRON_NOTES.md, "Hugging Face mapping"):
 * fused QKV: for each key/value group g, its ``nh/ng`` query heads, then k[g], then v[g];
 * gated MLP: ``linear_fc1 = cat([gate, up])`` computing ``silu(gate) * up``.
 
-The vocabulary is padded to the trainer's size on import (zero rows) and cut back on export.
+The vocabulary is padded to Megatron-LM's size on import (zero rows) and cut back on export.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def hf_config_kwargs(arch: GPTArchitecture) -> dict:
     """The Llama-shaped transformers config fields reproducing ``arch`` exactly (no head_dim:
     not every family's config takes one)."""
     if arch.rotary_base != int(arch.rotary_base):
-        raise ConversionError(f"rotary base {arch.rotary_base} is not an integer (the trainer's --rotary-base is)")
+        raise ConversionError(f"rotary base {arch.rotary_base} is not an integer (Megatron-LM's --rotary-base is)")
     return dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,

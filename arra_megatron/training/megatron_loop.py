@@ -152,15 +152,17 @@ def expand_config(argv: List[str], parser: Optional[argparse.ArgumentParser] = N
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
     parser = parser or build_parser()
-    by_dest: Dict[str, list] = {}
-    for action in parser._actions:
-        by_dest.setdefault(action.dest, []).append(action)
+    by_name: Dict[str, list] = {}
+    for action in parser._actions:  # a key is a flag's name ("disable-bias-linear") or its dest ("bias_swiglu_fusion")
+        for option in action.option_strings:
+            by_name.setdefault(option.lstrip("-").replace("-", "_"), []).insert(0, action)
+        by_name.setdefault(action.dest, []).append(action)
     flags: List[str] = []
     for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest in RENAMED_KEYS:
-            raise ConfigError(f"--config {path}: {key!r} is now {RENAMED_KEYS[dest]!r}")
-        flags += _config_flags(path, key, value, by_dest.get(dest, []))
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in RENAMED_KEYS:
+            raise ConfigError(f"--config {path}: {key!r} is now {RENAMED_KEYS[name]!r}")
+        flags += _config_flags(path, key, value, by_name.get(name, []))
     return flags + rest
 
 
@@ -172,12 +174,15 @@ def _config_flags(path: str, key, value, actions: list) -> List[str]:
     if switches:
         if not isinstance(value, bool):
             raise ConfigError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
+        first = switches[0]
+        if isinstance(first, argparse.BooleanOptionalAction):
+            return [("--" if value else "--no-") + first.option_strings[0].lstrip("-")]
+        if str(key).lstrip("-").replace("_", "-") in [o.lstrip("-") for o in first.option_strings]:
+            return [first.option_strings[0]] if value else []  # the flag named: true gives it, false leaves it out
         for action in switches:
-            if isinstance(action, argparse.BooleanOptionalAction):
-                return [("--" if value else "--no-") + action.option_strings[0].lstrip("-")]
             if action.const == value:
                 return [action.option_strings[0]]
-        if value == switches[0].default:
+        if value == first.default:
             return []  # already the default; there is no flag that sets it
         raise ConfigError(f"--config {path}: no flag sets {key} to {value}")
     action = actions[0]
@@ -209,7 +214,9 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
             raise SystemExit(f"{prefix}: no dataset there (no {prefix}.json; build it with "
                              "tools/build_indexed_dataset.py)")
     profile, target_dim = read_layout(prefixes)
-    return DataLayout(profile.vocab_size, tuple(profile.image_token_range), target_dim)
+    # A larger --vocab-size reserves ids (a later dataset's); a smaller one fails in check_data_flags.
+    vocab_size = max(profile.vocab_size, args.vocab_size or 0)
+    return DataLayout(vocab_size, tuple(profile.image_token_range), target_dim)
 
 
 def early_layout(argv=None) -> DataLayout:

@@ -49,14 +49,13 @@ def samples():
     return {k: s[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-def hf_reference(hf_dir: str, batch: dict, padded_vocab: int):
-    """transformers' logits and the masked mean cross entropy; with a padded Megatron vocabulary
-    the padded logits are zero (zero embedding rows) and enter the softmax as such."""
+def hf_reference(hf_dir: str, batch: dict):
+    """transformers' logits and the masked mean cross entropy (Megatron's padded vocabulary rows
+    are masked out of its softmax, so they do not enter the comparison)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(batch["tokens"]).logits.double()
-    padded = torch.cat([logits, logits.new_zeros(*logits.shape[:2], padded_vocab - logits.size(-1))], dim=-1)
-    token_loss = F.cross_entropy(padded.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    token_loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
     mask = batch["loss_mask"].flatten().double()
     return logits, float((token_loss * mask).sum() / mask.sum())
 
@@ -127,13 +126,13 @@ def chameleon_reference(hf_dir: str, batch: dict):
 
 def assert_matches_transformers(tag: str, results: list, hf_logits: torch.Tensor, hf_loss: float,
                                 vocab: int) -> None:
-    """The workers' Megatron logits (first ``vocab`` columns; padded ones must be zero) and lm loss
+    """The workers' Megatron logits (first ``vocab`` columns; padded ones must be masked) and lm loss
     against transformers': logits within 1e-5 of the largest logit, loss within 1e-5 relative
     (fp32), the same loss on every rank. Prints the measured differences."""
     logits = [r["logits"] for r in results if "logits" in r]
     assert len(logits) == 1
     mega_logits = logits[0].double()
-    assert torch.all(mega_logits[..., vocab:] == 0)  # zero embedding rows of a padded vocabulary
+    assert torch.all(mega_logits[..., vocab:] == torch.finfo(torch.float32).min)  # models/gpt.py mask_padded_logits
     diff = (mega_logits[..., :vocab] - hf_logits).abs().max().item()
     scale = hf_logits.abs().max().item()
     loss = results[-1]["metrics"]["lm loss"]

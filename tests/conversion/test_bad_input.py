@@ -3,7 +3,9 @@ nothing behind."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -91,26 +93,27 @@ def test_existing_outputs_and_inconsistent_checkpoint(tmp_path, llama_dir):
     with pytest.raises(ConversionError, match="--hf-out .*taken already exists"):
         export_checkpoint(str(ckpt), str(tmp_path / "taken"))
     assert os.listdir(tmp_path / "taken") == []
-    with pytest.raises(ConversionError, match="no complete checkpoint"):
+    with pytest.raises(ConversionError, match="no checkpoint there"):
         export_checkpoint(str(tmp_path / "taken"), str(tmp_path / "hf"))
 
-    # The recorded layout against the stored tensors.
+    # The saved arguments against the stored tensors.
     from megatron.core import dist_checkpointing
 
-    path = str(ckpt / "iter_0000000")
+    from arra_megatron.training import checkpoints
+
+    path = checkpoints.resolve(str(ckpt))
     metadata = dist_checkpointing.load_tensors_metadata(path)
-    arch = checkpoint_architecture(dist_checkpointing.load_common_state_dict(path))
+    args = checkpoints.saved_args(path)
+    arch = checkpoint_architecture(args)
     assert _check_layout(metadata, arch) == 128
     with pytest.raises(ConversionError, match="linear_qkv.weight has shape .* needs"):
         _check_layout(metadata, dataclasses.replace(arch, num_query_groups=4))
     with pytest.raises(ConversionError, match="contradicts its recorded tied embeddings"):
         _check_layout(metadata, dataclasses.replace(arch, tie_embeddings=True))
-    with pytest.raises(ConversionError, match="layout is unknown"):
-        checkpoint_architecture({"iteration": 3})
-    with pytest.raises(ConversionError, match="not a Llama-style model; export needs --swiglu"):
-        checkpoint_architecture({"args": {"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
-                                          "ffn_hidden_size": 16, "normalization": "RMSNorm",
-                                          "disable_bias_linear": True, "position_embedding_type": "rope"}})
+    with pytest.raises(ConversionError, match="not a Llama-style model; export needs --swiglu, no --add-qkv-bias"):
+        checkpoint_architecture(argparse.Namespace(**{**vars(args), "swiglu": False, "add_qkv_bias": True}))
+    with pytest.raises(ConversionError, match="pass --vocab-size"):
+        checkpoint_architecture(argparse.Namespace(**{**vars(args), "vocab_size": None}))
 
     # Through the CLI: a vocabulary larger than the stored embedding, exit status 2, nothing written.
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "export",
@@ -120,3 +123,20 @@ def test_existing_outputs_and_inconsistent_checkpoint(tmp_path, llama_dir):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "does not hold vocabulary 1000" in proc.stderr
     assert not (tmp_path / "hf").exists() and not leftovers(tmp_path)
+
+
+def test_checkpoints_before_megatron_lm_layout(tmp_path):
+    """An import, or a run of the project's own trainer, from before checkpoints took Megatron-LM's
+    layout: export names what to do instead of reading them."""
+    old_import = tmp_path / "old_import"
+    (old_import / "iter_0000000").mkdir(parents=True)
+    (old_import / "latest_checkpointed_iteration.txt").write_text("0")
+    for name in ("metadata.json", "arra_complete.json"):
+        (old_import / "iter_0000000" / name).write_text("{}")
+    (old_import / "arra_conversion.json").write_text(json.dumps({"architecture": {}, "source": "/models/llama"}))
+    with pytest.raises(ConversionError, match="import the model again: .* --hf /models/llama --save NEW_DIR"):
+        export_checkpoint(str(old_import), str(tmp_path / "hf"))
+    old_run = os.path.join(ROOT, "tests", "training", "data", "legacy_trainer", "ckpt")
+    with pytest.raises(ConversionError, match="convert it once with: python tools/convert_checkpoint.py legacy"):
+        export_checkpoint(old_run, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

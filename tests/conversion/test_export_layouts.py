@@ -1,5 +1,5 @@
-"""Export reads any trainer layout: a checkpoint the trainer wrote with virtual pipeline stages,
-or with DP2 and the distributed optimizer, exports bit-identical to the TP1 import's export."""
+"""Export reads any layout of Megatron-LM's loop: a checkpoint it wrote with virtual pipeline
+stages, or with DP2 and the distributed optimizer, exports bit-identical to the TP1 import's export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("transformers")
 
 from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
-from arra_megatron.runtime.launch import run_workers  # noqa: E402
 from tests.conversion.fixtures import hf_weights, make_llama  # noqa: E402
 from tests.conversion.llama_worker import save_in_layout  # noqa: E402
 
@@ -34,15 +33,12 @@ def reference(tmp_path_factory):
 def test_layout_exports_bit_identical(reference, name):
     world, layout = LAYOUTS[name]
     root = reference["root"]
-    run_workers(save_in_layout, world, reference["ckpt"], reference["record"]["trainer_flags"], layout, world,
-                str(root / name))
-    from megatron.core import dist_checkpointing
+    save_in_layout(reference["ckpt"], reference["record"]["trainer_flags"], layout, world, str(root / name))
+    from arra_megatron.training import checkpoints
 
-    from arra_megatron.conversion.checkpoint import resolve_checkpoint
-
-    common = dist_checkpointing.load_common_state_dict(resolve_checkpoint(str(root / name)))
-    assert common["args"]["use_distributed_optimizer"] == (name == "dp2-distopt")
-    assert (common["args"]["virtual_pipeline_model_parallel_size"] == 2) == (name == "pp2-vpp2")
+    args = checkpoints.saved_args(checkpoints.resolve(str(root / name)))
+    assert args.use_distributed_optimizer == (name == "dp2-distopt")
+    assert (args.virtual_pipeline_model_parallel_size == 2) == (name == "pp2-vpp2")
     summary = export_checkpoint(str(root / name), str(root / f"{name}-hf"))
     assert summary["left_out"] and all(k.startswith("arra_projector.") for k in summary["left_out"])
     exported = hf_weights(str(root / f"{name}-hf"))
@@ -67,9 +63,9 @@ def test_chameleon_trained_at_tp2_sp_matches_tp1(tmp_path):
     layouts = (("tp1", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
                ("tp2-sp", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]))
     for name, world, layout in layouts:
-        run_workers(save_in_layout, world, str(tmp_path / "ckpt"), record["trainer_flags"],
-                    ["--pipeline-model-parallel-size", "1", "--tensor-model-parallel-size", "1"] + step + layout,
-                    world, str(tmp_path / name))
+        save_in_layout(str(tmp_path / "ckpt"), record["trainer_flags"],
+                       ["--pipeline-model-parallel-size", "1", "--tensor-model-parallel-size", "1"] + step + layout,
+                       world, str(tmp_path / name))
         export_checkpoint(str(tmp_path / name), str(tmp_path / f"{name}-hf"), "chameleon")
         exported[name] = hf_weights(str(tmp_path / f"{name}-hf"))
     original = hf_weights(hf_dir)

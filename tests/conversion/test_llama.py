@@ -1,8 +1,10 @@
 """Llama <-> Megatron conversion: a tiny random LlamaForCausalLM with GQA, imported at TP2 x PP2,
-gives the trainer's loss and logits transformers gives; exported back, the same weights."""
+gives in the model of Megatron-LM's loop the loss and logits transformers gives; exported back,
+the same weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -12,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
-from arra_megatron.conversion.common import METADATA_FILE  # noqa: E402
+from arra_megatron.conversion.common import METADATA_FILE, GPTArchitecture  # noqa: E402
 from arra_megatron.runtime.launch import run_workers  # noqa: E402
 from tests.conversion.fixtures import (  # noqa: E402
     IMAGE_RANGE,
@@ -22,7 +24,7 @@ from tests.conversion.fixtures import (  # noqa: E402
     make_llama,
     samples,
 )
-from tests.conversion.llama_worker import SEQ, megatron_outputs  # noqa: E402
+from tests.conversion.llama_worker import SEQ, loop, megatron_outputs  # noqa: E402
 
 TP, PP = 2, 2
 
@@ -41,15 +43,35 @@ def imported(request, tmp_path_factory):
 def test_import_matches_transformers(imported):
     record, vocab = imported["record"], imported["vocab"]
     ckpt = imported["ckpt"]
-    assert os.path.isfile(os.path.join(ckpt, "iter_0000000", "arra_complete.json"))
-    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "0"
+    from arra_megatron.training import checkpoints
+
+    # Megatron-LM's layout: CKPT/release named by the tracker, described by its saved arguments.
+    assert open(os.path.join(ckpt, checkpoints.TRACKER_FILE)).read().strip() == "release"
+    args = checkpoints.saved_args(checkpoints.resolve(ckpt))
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.vocab_size) == (TP, PP, vocab)
+    assert args.untie_embeddings_and_output_weights == (vocab == 128) and not args.add_bias_linear
     with open(os.path.join(ckpt, METADATA_FILE)) as f:
         assert json.load(f)["trainer_flags"] == record["trainer_flags"]
     assert record["padded_vocab_size"] == 128  # 127 needs one row to split over TP 2
+    assert checkpoints.padded_vocab_rows(checkpoints.resolve(ckpt)) == 128
     batch = samples()
     results = run_workers(megatron_outputs, TP * PP, ckpt, record["trainer_flags"], TP, PP, batch, IMAGE_RANGE)
-    hf_logits, hf_loss = hf_reference(imported["hf"], batch, results[0]["padded_vocab"])
+    hf_logits, hf_loss = hf_reference(imported["hf"], batch)
     assert_matches_transformers(f"{vocab=}", results, hf_logits, hf_loss, vocab)
+
+
+def test_flags_round_trip_through_megatron_arguments():
+    """Every model flag exists in Megatron-LM's parser (with the project's) and reads back as the
+    same architecture: the saved arguments are the model's one description."""
+    llama = GPTArchitecture(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                            num_query_groups=2, kv_channels=32, norm_epsilon=1e-6, rotary_base=500000.0,
+                            vocab_size=127, tie_embeddings=True, max_position_embeddings=64)
+    chameleon = dataclasses.replace(llama, kv_channels=16, norm_epsilon=1e-5, tie_embeddings=False,
+                                    model_type="chameleon", qk_layernorm_per_head=True)
+    for arch in (llama, chameleon):
+        args = arch.megatron_args(2, 2, "bfloat16", make_vocab_size_divisible_by=1)
+        assert args.bf16 and args.make_vocab_size_divisible_by == 1
+        assert GPTArchitecture.from_args(args, arch.vocab_size) == arch
 
 
 def test_export_round_trip(imported):
@@ -76,12 +98,10 @@ def test_export_round_trip(imported):
 
 
 def test_trainer_checkpoint_exports(tmp_path):
-    """Import (TP1), fine-tune with ARRA at TP2 x PP2 through the real CLI, export: transformers'
-    logits equal the trained Megatron model's; the projector is left out."""
+    """Import (TP1), fine-tune with ARRA at TP2 x PP2 through Megatron-LM's loop, export:
+    transformers' logits equal the trained Megatron model's; the projector is left out."""
     import subprocess
     import sys
-
-    from arra_megatron.runtime.launch import free_port
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     hf_dir = make_llama(tmp_path / "hf", 128, tied=True, seed=1)
@@ -93,15 +113,11 @@ def test_trainer_checkpoint_exports(tmp_path):
     with open(tmp_path / "ckpt" / METADATA_FILE) as f:
         record = json.load(f)
     assert "trainer flags: " + " ".join(record["trainer_flags"]) in proc.stdout
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", os.path.join(root, "examples", "pretrain_arra.py"),
-           *record["trainer_flags"], "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
-           "--lr", "1e-2", "--mock-data", "--arra-target-dim", "16", "--hidden-dropout", "0",
-           "--attention-dropout", "0", "--eval-interval", "1000", "--log-interval", "1",
-           "--load", str(tmp_path / "ckpt"), "--finetune", "--save", str(tmp_path / "trained")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    loop(4, *record["trainer_flags"], "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+         "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+         "--lr", "1e-2", "--mock-data", "--arra-target-dim", "16", "--hidden-dropout", "0",
+         "--attention-dropout", "0", "--eval-iters", "0", "--log-interval", "1",
+         "--load", str(tmp_path / "ckpt"), "--finetune", "--save", str(tmp_path / "trained"), "--save-interval", "2")
 
     summary = export_checkpoint(str(tmp_path / "trained"), str(tmp_path / "exported"), tokenizer=hf_dir)
     assert summary["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
@@ -110,8 +126,8 @@ def test_trainer_checkpoint_exports(tmp_path):
     results = run_workers(megatron_outputs, TP * PP, str(tmp_path / "trained"), record["trainer_flags"], TP, PP,
                           batch, IMAGE_RANGE)
     mega_logits = [r["logits"] for r in results if "logits" in r][0].double()
-    hf_logits, hf_loss = hf_reference(str(tmp_path / "exported"), batch, 128)
-    original, _ = hf_reference(hf_dir, batch, 128)
+    hf_logits, hf_loss = hf_reference(str(tmp_path / "exported"), batch)
+    original, _ = hf_reference(hf_dir, batch)
     diff = (mega_logits - hf_logits).abs().max().item()
     print(f"\n[trained] max |logit diff| {diff:.3e} (max |logit| {hf_logits.abs().max().item():.3f}, "
           f"moved {(hf_logits - original).abs().max().item():.3f} from the imported model); "
