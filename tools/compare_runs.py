@@ -2,7 +2,8 @@
 """Put training runs side by side: a table of final/min losses (+ evaluation metrics) and a PNG of the curves.
 
 Each RUN is NAME=LOG.jsonl (or just LOG.jsonl: the name is the file's stem), LOG.jsonl being the
-trainer's --log-json file. --eval NAME=REPORT.json adds a tools/evaluate.py report to that run.
+--log-json file of examples/pretrain_arra.py. --eval NAME=REPORT.json adds a tools/evaluate.py report
+to that run.
 
 Examples:
     python tools/compare_runs.py arra=runs/arra/log.jsonl baseline=runs/base/log.jsonl \\

@@ -2,7 +2,7 @@
 """Sample images from a trained ARRA model: PNG files, grid.png and samples.jsonl in --out-dir.
 
 Examples:
-    # text-to-image from a trainer checkpoint, TP2 (gloo on CPU, NCCL on GPU)
+    # text-to-image from a checkpoint of pretrain_arra.py, TP2 (gloo on CPU, NCCL on GPU)
     torchrun --nproc-per-node 2 tools/generate.py --load runs/t2i/ckpt --tensor-model-parallel-size 2 \\
         --prompts prompts.txt --num-samples 4 --cfg-scale 4 --top-k 1000 --seed 0 --out-dir samples/t2i
 

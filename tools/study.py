@@ -14,8 +14,9 @@ Pipeline (every step through the project's real tools; a rerun skips finished st
    is an ImageNet network (--fid-nets); neither is the alignment encoder.
 4. tools/build_indexed_dataset.py with --encoder: token datasets with precomputed f_GF;
    a shuffled-target control dataset: every sample paired with another sample's feature row.
-5. examples/pretrain_arra.py per arm and seed: baseline (--no-arra), ARRA, shuffled control,
-   identical data order and steps (same --seed), validation NLL logged on the held-out split.
+5. examples/pretrain_arra.py (Megatron-LM's loop) per arm and seed: baseline (--no-arra), ARRA,
+   shuffled control, identical data order and steps (same --seed), validation NLL logged on the
+   held-out split (its --log-json).
 6. tools/generate.py (CFG where there is a condition) and tools/evaluate.py: FID of the samples
    against the test split under each feature network, at several points of training.
 7. report.md: tables (mean +- std over seeds, per-seed paired differences), FID floors,
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codebook-size", type=int, default=512)
     g.add_argument("--vq-flags", default=VQ_FLAGS, help="tools/train_vq.py model and optimiser flags (4x "
                                                         "down-sampling is fixed)")
-    g.add_argument("--condition-dropout-prob", type=float, default=0.1, help="conditional arms (for CFG)")
+    g.add_argument("--condition-dropout-prob", type=float, default=0.1,
+                   help="conditional arms (for CFG): the loop's --arra-condition-dropout-prob")
     g = p.add_argument_group("ARRA (the paper's space; choose on the validation split)")
     g.add_argument("--arra-align-layer", type=int, default=1)
     g.add_argument("--arra-weight", type=float, default=1.0)
@@ -411,7 +413,7 @@ class RunSpec:
 
 
 def model_config(args, out: Path) -> Path:
-    """The study's decoder as a trainer YAML (examples/configs style)."""
+    """The study's decoder as a --config YAML of pretrain_arra.py (examples/configs style)."""
     import yaml
 
     seq = tokens_per_sample(args) - 1
@@ -452,7 +454,7 @@ def train_run(spec: RunSpec, args, scale: Scale, out: Path, prefixes: Dict[str, 
            # decoder's initialisation and data order are those of the ARRA runs with the same seed.
            *(["--no-arra"] if spec.variant == "baseline" else
              ["--arra-target-dim", feature_dim, "--arra-weight", args.arra_weight]),
-           "--condition-dropout-prob", 1.0 if spec.arm == "uncond" else args.condition_dropout_prob,
+           "--arra-condition-dropout-prob", 1.0 if spec.arm == "uncond" else args.condition_dropout_prob,
            "--save", run_dir / "ckpt", "--save-interval", save_every, "--log-json", run_dir / "log.jsonl"]
     if args.device == "cuda":
         cmd += ["--bf16"]
@@ -652,7 +654,7 @@ def write_report(args, scale: Scale, out: Path, specs: List[RunSpec], results: D
              f"{scale.train_iters} iterations of batch {args.global_batch_size} "
              f"({scale.limited_iters} on {scale.limited_images} images in the limited arm); "
              f"{scale.fid_samples} samples per FID; {len(seeds)} seeds; CFG {args.cfg_scale} on conditional arms.", "",
-             "Validation NLL is the trainer's lm loss on the held-out validation split (nats per counted "
+             "Validation NLL is the training loop's lm loss on the held-out validation split (nats per counted "
              "token: the image tokens and EOI). FID is against the test split. Nothing was chosen on the test split.",
              ""]
     fid_cols = [f"FID {net}" for net in nets]

@@ -1,9 +1,10 @@
 """Side-by-side comparison of training runs (ARRA vs baseline): summary table and loss curves.
 
-Reads the trainer's ``--log-json`` file (``arra_megatron/training/metrics.py``): one JSON
-object per line, training records with ``iteration``, ``lm_loss``, ``gva_loss``,
-``gva_cos``, ``loss``, ... and validation records with the same keys plus
-``"split": "valid"``. A resumed run appends to the same file and logs again the
+Reads the ``--log-json`` file of the training loop (``training/megatron_loop.py::JsonLog``):
+one JSON object per line, training records with ``iteration``, ``consumed_samples``,
+``lm_loss``, ``gva_loss``, ``gva_cos``, ``grad_norm``, ``lr``, ... and evaluation records
+with Megatron-LM's evaluation keys (``lm_loss``, ``gva_loss``, ``gva_cos``) plus ``"split":
+"valid"`` or ``"test"``. A resumed run appends to the same file and logs again the
 iterations after its checkpoint: the last record of an iteration wins. A line that is not
 JSON (a run killed mid-write) is skipped and counted. Evaluation reports are
 ``tools/evaluate.py``'s JSON (their ``metrics``).
@@ -28,6 +29,7 @@ COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
     ("gva cos", "train", "gva_cos", "last"),
     ("eval lm loss", "valid", "lm_loss", "last"),
     ("min eval lm loss", "valid", "lm_loss", "min"),
+    ("test lm loss", "test", "lm_loss", "last"),
     ("FID", "eval", "fid", "value"),
     ("IS", "eval", "inception_score", "value"),
     ("CLIP-Score", "eval", "clip_score", "value"),
@@ -37,12 +39,14 @@ COLUMNS: Tuple[Tuple[str, str, str, str], ...] = (
 
 @dataclass
 class RunLog:
-    """One run's curves: ``train[key]`` / ``valid[key]`` = (iterations, values), sorted by iteration."""
+    """One run's curves: ``train[key]`` / ``valid[key]`` / ``test[key]`` = (iterations, values), sorted
+    by iteration."""
 
     name: str
     path: str
     train: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
     valid: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
+    test: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
     bad_lines: int = 0
     eval_metrics: Dict[str, Any] = field(default_factory=dict)
 
@@ -62,9 +66,8 @@ def read_metrics_log(path: str | Path, name: Optional[str] = None) -> RunLog:
     """Parse a ``--log-json`` file (see the module doc)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics log not found (the trainer's --log-json file)")
-    train: Dict[int, Dict[str, Any]] = {}
-    valid: Dict[int, Dict[str, Any]] = {}
+        raise FileNotFoundError(f"{path}: metrics log not found (the --log-json file of pretrain_arra.py)")
+    by_split: Dict[Optional[str], Dict[int, Dict[str, Any]]] = {None: {}, "valid": {}, "test": {}}
     bad = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -73,15 +76,17 @@ def read_metrics_log(path: str | Path, name: Optional[str] = None) -> RunLog:
             try:
                 record = json.loads(line)
                 iteration = int(record["iteration"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                records = by_split[record.get("split")]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 bad += 1
                 continue
-            (valid if record.get("split") == "valid" else train)[iteration] = record
+            records[iteration] = record
     if bad:
         logger.warning("%s: skipped %d line(s) that are not JSON records with an iteration", path, bad)
-    if not train and not valid:
-        raise ValueError(f"{path}: no training or validation records")
-    return RunLog(name or path.stem, str(path), _curves(train), _curves(valid), bad)
+    if not any(by_split.values()):
+        raise ValueError(f"{path}: no training or evaluation records")
+    return RunLog(name or path.stem, str(path), _curves(by_split[None]), _curves(by_split["valid"]),
+                  _curves(by_split["test"]), bad)
 
 
 def smooth(values: Sequence[float], weight: float) -> List[float]:
@@ -104,9 +109,9 @@ def summarize(run: RunLog) -> Dict[str, Optional[float]]:
             value = run.eval_metrics.get(key)
             row[header] = float(value) if isinstance(value, (int, float)) else None
             continue
-        curve = (run.train if where == "train" else run.valid).get(key)
+        curve = getattr(run, where).get(key)
         if key == "iteration":
-            curve = run.train.get("lm_loss") or run.train.get("loss")
+            curve = run.train.get("lm_loss")
             row[header] = float(curve[0][-1]) if curve else None
         elif curve:
             row[header] = curve[1][-1] if reduction == "last" else min(curve[1])

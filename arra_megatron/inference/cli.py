@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "written are skipped.")
     g = p.add_argument_group("model")
     source = g.add_mutually_exclusive_group(required=True)
-    source.add_argument("--load", help="trainer checkpoint directory (--save of pretrain_arra.py, or one iter_*)")
+    source.add_argument("--load", help="checkpoint directory of the training loop (--save of pretrain_arra.py, or "
+                                       "one of its iter_*)")
     source.add_argument("--hf", help="transformers directory made by tools/convert_checkpoint.py export")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="with --load: processes per model replica (the world size must be a multiple)")
@@ -51,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--prompts", metavar="FILE", help="text-to-image: one prompt per line")
     cond.add_argument("--class-ids", type=int, nargs="+", metavar="ID", help="class-to-image: class ids")
     cond.add_argument("--unconditional", action="store_true",
-                      help="the null condition that --condition-dropout-prob trains (a model trained with "
-                           "--condition-dropout-prob 1 is an unconditional one); --num-samples images")
+                      help="the null condition that --arra-condition-dropout-prob trains (a model trained with "
+                           "--arra-condition-dropout-prob 1 is an unconditional one); --num-samples images")
     g.add_argument("--num-samples", type=int, default=1, help="images per prompt or class")
     g.add_argument("--micro-batch-size", type=int, default=8, help="images sampled together (x2 with guidance)")
 
@@ -90,7 +91,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if os.path.exists(os.path.join(args.out_dir, "samples.jsonl")):
         parser.error(f"--out-dir {args.out_dir} already holds samples.jsonl; choose a new directory")
     if args.hf and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        parser.error("--hf samples in one process; for many processes use the trainer checkpoint (--load)")
+        parser.error("--hf samples in one process; for many processes use the training checkpoint (--load)")
     if args.prompts and not os.path.isfile(args.prompts):
         parser.error(f"--prompts {args.prompts}: no such file")
     return args
@@ -106,15 +107,16 @@ def _conditions(args) -> List[Condition]:
     return [c for c in requested for _ in range(args.num_samples)]
 
 
-def _profile_prefix(args, checkpoint_args: Optional[dict]) -> str:
+def _profile_prefix(args, checkpoint_args: Optional[argparse.Namespace]) -> str:
     if args.data_path:
         return args.data_path
-    from arra_megatron.training.arguments import data_prefixes, training_data_path
+    from arra_megatron.data.checks import data_prefixes, training_data_path
 
-    data_path = training_data_path(checkpoint_args or {})
+    data_path = training_data_path(vars(checkpoint_args) if checkpoint_args is not None else {})
     if not data_path:
         raise ValueError(f"--load {args.load}: the run did not train on a dataset (--mock-data?); give --data-path")
-    return data_prefixes(data_path)[0]
+    flag = "--data-path" if getattr(checkpoint_args, "data_path", None) else "--train-data-path"
+    return data_prefixes(data_path, flag)[0]
 
 
 def _decoder(args):
@@ -126,16 +128,16 @@ def _decoder(args):
         return HFDecoder(load_hf_model(args.hf, device), args.kv_cache), True, 0, 1
     from megatron.core import parallel_state
 
-    from arra_megatron.conversion.checkpoint import resolve_checkpoint
     from arra_megatron.inference.megatron_decoder import MegatronDecoder, build_inference_model
     from arra_megatron.runtime.distributed import initialize_model_parallel
+    from arra_megatron.training.checkpoints import resolve
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % args.tensor_model_parallel_size:
         raise ValueError(f"world size {world} is not a multiple of --tensor-model-parallel-size "
                          f"{args.tensor_model_parallel_size}: launch TP x DP processes")
     initialize_model_parallel(args.tensor_model_parallel_size)
-    model, _ = build_inference_model(resolve_checkpoint(args.load), args.tensor_model_parallel_size)
+    model, _ = build_inference_model(resolve(args.load), args.tensor_model_parallel_size)
     return (MegatronDecoder(model, args.kv_cache), parallel_state.get_tensor_model_parallel_rank() == 0,
             parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
 
@@ -168,16 +170,12 @@ def run(args: argparse.Namespace) -> dict:
     """Sample every requested image; returns a summary (on every rank; files from the writing ranks)."""
     from tqdm import tqdm
 
-    from arra_megatron.conversion.checkpoint import resolve_checkpoint
     from arra_megatron.fileio import check_json_plan
     from arra_megatron.inference.output import SampleWriter, merge, recorded
     from arra_megatron.runtime.faults import kill_after
+    from arra_megatron.training.checkpoints import resolve, saved_args
 
-    checkpoint_args = None
-    if args.load:
-        from arra_megatron.inference.megatron_decoder import saved_args
-
-        checkpoint_args = saved_args(resolve_checkpoint(args.load))
+    checkpoint_args = saved_args(resolve(args.load)) if args.load else None
     # Conditions are checked against the dataset's profile before any model is loaded.
     profile, max_seq_length = dataset_profile(_profile_prefix(args, checkpoint_args))
     conditions = _conditions(args)
@@ -196,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
     first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     # The request of this run, so that a rerun continues only the same one (every rank checks, the
     # first writes it). The checkpoint is recorded resolved: a newer save in --load is another model.
-    model = os.path.abspath(args.hf) if args.hf else resolve_checkpoint(args.load)
+    model = os.path.abspath(args.hf) if args.hf else resolve(args.load)
     check_json_plan(os.path.join(args.out_dir, PLAN_FILE), {
         "model": model, "conditions": [c.record() for c in conditions], "seeds": seeds,
         "sampling": {k: getattr(args, k) for k in SAMPLING_FLAGS}, "micro_batch_size": mbs,
@@ -244,13 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     for name in ("megatron.core", "megatron"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from arra_megatron.conversion.common import ConversionError  # a --load without a complete checkpoint
     from arra_megatron.inference.output import IncompleteSamples
+    from arra_megatron.training.checkpoints import CheckpointError  # a --load without a usable checkpoint
 
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ConversionError,
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, CheckpointError,
             IncompleteSamples) as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2

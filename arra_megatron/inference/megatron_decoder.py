@@ -1,9 +1,13 @@
-"""A trainer checkpoint as a step-by-step decoder: Megatron-Core GPTModel, any TP, KV cache.
+"""A checkpoint of the training loop as a step-by-step decoder: Megatron-Core GPTModel, any TP, KV cache.
 
-The model is rebuilt from the flags the trainer saved in the checkpoint (its ``args``
-entry) with inference settings (no dropout, no sequence parallel, no recompute), at
-the TP size asked for (the dist checkpoint reshards), and only the GPT's weights are
-read: the ARRA projector is a training-time module and is not built.
+The model is described by the Megatron-LM arguments saved in the checkpoint
+(``training/checkpoints.py::saved_args``) and built through the training loop's own
+mapping (``megatron_loop.transformer_config`` and ``build_gpt``) with inference settings
+(``INFERENCE_ARGS``: no dropout, no sequence parallel, no recompute, no FP8, one
+pipeline stage) at the TP size asked for (the dist checkpoint reshards). The vocabulary
+rows are the checkpoint's own (their padding depends on the TP size it trained with).
+Only the GPT's weights are read: the ARRA projector is a training-time module and is
+not built.
 
 The KV cache is Megatron-Core's ``StaticInferenceContext``: the attention layers
 write each step's keys and values into its buffers and attend over them.
@@ -17,53 +21,56 @@ import logging
 from typing import Optional, Tuple
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 
-from arra_megatron.models.gpt import build_gpt_chunks
 from arra_megatron.models.specs import Backend, default_backend
-from arra_megatron.training.checkpointing import load_model_weights
+from arra_megatron.training import checkpoints
 
 logger = logging.getLogger(__name__)
 
-# Flags that only concern training: reset so the rebuilt model is a plain inference model.
-_INFERENCE_ARGS = dict(
+#: Megatron-LM arguments that only concern training, reset so the rebuilt model is a plain
+#: one-stage inference model. The tensor-parallel size is the caller's; the weight-shard counts
+#: ``validate_args`` derived from the training TP size are derived again from it.
+INFERENCE_ARGS = dict(
+    tensor_parallel_num_weight_shards=None, gtp_weight_remat_size=1, expert_model_parallel_size=1,
+    expert_tensor_parallel_num_weight_shards=None, expert_gtp_weight_remat_size=1,
     pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-    num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False, hidden_dropout=0.0,
-    attention_dropout=0.0, recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
-    fp8_format=None,
+    num_layers_per_virtual_pipeline_stage=None, num_virtual_stages_per_pipeline_rank=None,
+    pipeline_model_parallel_layout=None, decoder_first_pipeline_num_layers=None,
+    decoder_last_pipeline_num_layers=None, account_for_embedding_in_pipeline_split=False,
+    account_for_loss_in_pipeline_split=False, context_parallel_size=1, sequence_parallel=False,
+    hidden_dropout=0.0, attention_dropout=0.0, recompute_granularity=None, recompute_method=None,
+    recompute_num_layers=None, recompute_modules=None, fp8=None, fp8_param_gather=False, fp4=None,
+    fp4_param_gather=False, tp_comm_overlap=False, gradient_accumulation_fusion=False,
 )
 
 
-def saved_args(path: str) -> dict:
-    """The trainer flags stored in checkpoint ``path`` (an iteration directory)."""
-    common = dist_checkpointing.load_common_state_dict(path)
-    args = common.get("args")
-    if not isinstance(args, dict) or not args:
-        raise ValueError(f"--load {path}: the checkpoint records no trainer flags (an imported checkpoint? "
-                         "export it with tools/convert_checkpoint.py and use --hf)")
-    return args
+def inference_args(saved: argparse.Namespace, tensor_model_parallel_size: int) -> argparse.Namespace:
+    """The checkpoint's Megatron-LM arguments with ``INFERENCE_ARGS`` and the TP size asked for; in CPU
+    mode without the fusions a CPU process cannot run (a checkpoint trained on GPUs enables them)."""
+    from arra_megatron.runtime import cpu_mode
+    from arra_megatron.training.megatron_loop import CPU_MODE_DEFAULTS
+
+    cpu = {k: v for k, v in CPU_MODE_DEFAULTS.items() if hasattr(saved, k)} if cpu_mode.is_enabled() else {}
+    return argparse.Namespace(**{**vars(saved), **cpu, **INFERENCE_ARGS,
+                                 "tensor_model_parallel_size": tensor_model_parallel_size,
+                                 "expert_tensor_parallel_size": tensor_model_parallel_size})
 
 
-def build_inference_model(path: str, tensor_model_parallel_size: int, backend: Optional[Backend] = None,
-                          seed: int = 1234) -> Tuple[GPTModel, dict]:
-    """This TP rank's GPTModel with the weights of checkpoint ``path`` (collective over the TP group).
+def build_inference_model(path: str, tensor_model_parallel_size: int, backend: Optional[Backend] = None
+                          ) -> Tuple[GPTModel, argparse.Namespace]:
+    """This TP rank's GPTModel with the weights of checkpoint ``path`` (an iteration directory;
+    collective over the TP group).
 
     Needs torch.distributed and Megatron's parallel state (``initialize_model_parallel``).
-    Returns (model in eval mode, the checkpoint's saved trainer flags).
+    Returns (model in eval mode, the checkpoint's saved Megatron-LM arguments).
     """
-    from arra_megatron.training.arguments import build_parser, transformer_config
+    from arra_megatron.training.megatron_loop import build_gpt, transformer_config
 
-    args = saved_args(path)
-    # The parser's defaults first: a checkpoint saved before a flag existed still builds.
-    defaults = vars(build_parser().parse_args([]))
-    namespace = argparse.Namespace(**{**defaults, **args, **_INFERENCE_ARGS,
-                                      "tensor_model_parallel_size": tensor_model_parallel_size})
-    config = transformer_config(namespace)
-    metadata = dist_checkpointing.load_tensors_metadata(path)
-    # The padded vocabulary the checkpoint holds (the padding rule depends on the TP it trained with).
-    vocab_rows = int(metadata["embedding.word_embeddings.weight"].global_shape[0])
+    saved = checkpoints.saved_args(path)
+    args = inference_args(saved, tensor_model_parallel_size)
+    vocab_rows = checkpoints.padded_vocab_rows(path)
     if vocab_rows % tensor_model_parallel_size:
         raise ValueError(f"--tensor-model-parallel-size {tensor_model_parallel_size} does not divide the "
                          f"checkpoint's vocabulary of {vocab_rows} rows")
@@ -71,25 +78,15 @@ def build_inference_model(path: str, tensor_model_parallel_size: int, backend: O
         # Transformer Engine's attention ignores an explicit padding mask under its causal mask
         # type; the local and CPU core attentions honour it (left-padded prompts need it).
         backend = "local" if default_backend() == "te" else default_backend()
+    config = transformer_config(args)
     if backend == "local":
         config.masked_softmax_fusion = False  # the fused causal kernel ignores the padding mask
-    (model,) = build_gpt_chunks(
-        config, vocab_rows, args.get("max_position_embeddings") or args["seq_length"], backend=backend,
-        position_embedding_type=args.get("position_embedding_type", "learned_absolute"),
-        rotary_base=args.get("rotary_base", 10000),
-        share_embeddings_and_output_weights=not args.get("untie_embeddings_and_output_weights", False),
-    )
-    load_gpt_weights(model, path)
+    real_vocab_size = min(getattr(saved, "vocab_size", None) or vocab_rows, vocab_rows)
+    model = build_gpt(args, config, vocab_rows, real_vocab_size, backend=backend)
+    checkpoints.load_model([model], path, projector=False)
     model.eval()
     logger.info("loaded %s at TP %d (%s core attention)", path, tensor_model_parallel_size, backend)
-    return model, args
-
-
-def load_gpt_weights(model: GPTModel, path: str) -> None:
-    """Read the GPT's tensors from a training checkpoint (collective). Only the GPT's keys are
-    requested, so the optimizer state and the ARRA projector saved beside them are not read;
-    every requested tensor must be in the checkpoint."""
-    load_model_weights([model], path)
+    return model, saved
 
 
 def padding_mask(pad_lengths: torch.Tensor, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:

@@ -420,7 +420,8 @@ def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None
 
         mock = MockARRADataset(_Run.layout.vocab_size, args.seq_length, args.arra_target_dim, seed=args.seed,
                                loss_on_text=args.arra_loss_on_text)
-        return tuple(MockSplit(mock, split, max(n, 1)) for split, n in enumerate(sizes))
+        # A split nothing asks for (--eval-iters 0, a test split of 0) is None: Megatron then builds no loader.
+        return tuple(MockSplit(mock, split, n) if n else None for split, n in enumerate(sizes))
     from arra_megatron.data.dataset import build_arra_datasets
 
     per_split = [args.train_data_path, args.valid_data_path, args.test_data_path] if args.train_data_path else None
@@ -429,7 +430,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None
         condition_dropout_prob=args.arra_condition_dropout_prob, loss_on_text=args.arra_loss_on_text,
         with_features=args.arra and args.arra_targets == "precomputed",
         with_images=args.arra and args.arra_targets == "online")
-    return datasets
+    return tuple(dataset if n else None for dataset, n in zip(datasets, sizes))
 
 
 datasets_provider.is_distributed = True  # every rank builds what its chunks read (no TP broadcast)
@@ -630,7 +631,10 @@ def main(argv=None) -> None:
     args, _Run.layout = parse_args(argv)
     set_global_variables(args)
     if args.log_json and int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1:  # the last stage
+        import atexit
+
         _Run.json_log = JsonLog(args.log_json, args.log_interval)
+        atexit.register(_Run.json_log.flush)  # the iterations after the last --log-interval multiple
     install_metric_hooks()
     install_load_hook()
     faults.install_megatron_fail_point()

@@ -9,9 +9,11 @@
    networks. The pipeline is the real one; the numbers are a smoke test, not a result.
 3. tools/build_indexed_dataset.py turns the folder into a class-to-image dataset with
    precomputed ARRA targets.
-4. examples/pretrain_arra.py trains with torchrun on 2 gloo processes (TP2 by
-   default), stops at half way after a checkpoint, resumes from it, and finishes.
-5. The falling lm and gva losses are printed from the run's JSONL log.
+4. examples/pretrain_arra.py (Megatron-LM's training loop) trains with torchrun on 2
+   gloo processes (TP2 by default, or PP2), stops half way after a checkpoint
+   (--exit-interval), resumes from it (--load), and finishes.
+5. The falling lm and gva losses are printed from the run's --log-json file, with the
+   validation and test losses Megatron-LM's evaluation reported.
 """
 
 from __future__ import annotations
@@ -47,13 +49,20 @@ def write_digits(folder: Path, size: int = 32) -> int:
 
 
 def summarize(log_path: Path, window: int = 20) -> dict:
+    """Mean of the first and the last ``window`` training records (megatron_loop.JsonLog's keys)."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    train = [r for r in rows if r.get("split") != "valid"]
+    train = [r for r in rows if "split" not in r]
     first, last = train[:window], train[-window:]
     out = {}
     for key in ("lm_loss", "gva_loss", "gva_cos"):
         out[key] = (sum(r[key] for r in first) / len(first), sum(r[key] for r in last) / len(last))
     return out
+
+
+def evaluations(log_path: Path) -> list:
+    """The evaluation records (``"split": "valid"`` or ``"test"``), in the order they were written."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    return [r for r in rows if "split" in r]
 
 
 def main() -> int:
@@ -66,6 +75,7 @@ def main() -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
 
+    from arra_megatron.runtime.launch import free_port
     from arra_megatron.testing.tiny_data import make_janus_vq
     from arra_megatron.testing.tiny_encoders import CLIP_EMBED_DIM, make_tiny_clip
 
@@ -83,6 +93,7 @@ def main() -> int:
     half = args.train_iters // 2
     log = out / "train.jsonl"
     common = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0",
+              "--master-addr", "127.0.0.1", "--master-port", free_port(),
               "examples/pretrain_arra.py", "--config", "examples/configs/demo.yaml", "--data-path", prefix,
               "--arra-target-dim", CLIP_EMBED_DIM, "--train-iters", args.train_iters, "--save", out / "ckpt",
               "--save-interval", half, "--log-json", log, *layout]
@@ -95,6 +106,9 @@ def main() -> int:
     print("\nARRA demo summary (mean of the first and last 20 iterations)")
     for key, (a, b) in summary.items():
         print(f"  {key:9s} {a:8.4f} -> {b:8.4f}")
+    for record in evaluations(log):
+        print(f"  {record['split']:5s} at iteration {record['iteration']:4d}: "
+              + ", ".join(f"{k} {record[k]:.4f}" for k in ("lm_loss", "gva_loss", "gva_cos") if k in record))
     print(f"checkpoints: {sorted(p.name for p in (out / 'ckpt').glob('iter_*'))}")
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     falling = summary["lm_loss"][1] < summary["lm_loss"][0] and summary["gva_loss"][1] < summary["gva_loss"][0]

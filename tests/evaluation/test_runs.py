@@ -1,4 +1,5 @@
-"""tools/compare_runs.py: JSONL logs (resumed runs, cut lines, validation records), table, PNG."""
+"""tools/compare_runs.py: --log-json files of the training loop (resumed runs, cut lines, validation and
+test records), table, PNG."""
 
 from __future__ import annotations
 
@@ -15,10 +16,19 @@ compare_tool = load_tool("compare_runs")
 
 
 def _record(it: int, lm: float, gva: bool) -> dict:
-    record = {"iteration": it, "consumed_samples": 16 * it, "lm_loss": lm, "loss": lm, "grad_norm": 1.0,
-              "lr": 1e-4, "loss_scale": 1.0, "skipped_iterations": 0}
+    """A training record as megatron_loop.JsonLog writes it."""
+    record = {"iteration": it, "consumed_samples": 16 * it, "lm_loss": lm, "skipped": 0, "grad_norm": 1.0,
+              "lr": 1e-4, "loss_scale": 1.0}
     if gva:
-        record.update(gva_loss=0.5 / it, gva_cos=1 - 0.5 / it, loss=lm + 0.5 / it)
+        record.update(gva_loss=0.5 / it, gva_cos=1 - 0.5 / it, gva_dropped_samples=0.0)
+    return record
+
+
+def _evaluation(it: int, lm: float, gva: bool, split: str = "valid") -> dict:
+    """An evaluation record (Megatron-LM's evaluation keys, the split, the iteration it followed)."""
+    record = {"iteration": it, "split": split, "lm_loss": lm}
+    if gva:
+        record.update(gva_loss=0.25, gva_cos=0.75)
     return record
 
 
@@ -30,12 +40,13 @@ def _write_log(path, scale: float, gva: bool, resume: bool) -> None:
     for it in first:
         lines.append(json.dumps(_record(it, scale * (1 + 4 * math.exp(-it / 10)), gva)))
         if it == 20:
-            lines.append(json.dumps({**_record(it, scale * 1.5, gva), "split": "valid"}))
+            lines.append(json.dumps(_evaluation(it, scale * 1.5, gva)))
     if resume:
         lines.append('{"iteration": 31, "lm_lo')  # the line the crash cut
         for it in range(21, 51):
             lines.append(json.dumps(_record(it, 1.01 * scale * (1 + 4 * math.exp(-it / 10)), gva)))
-    lines.append(json.dumps({**_record(50, scale * 1.2, gva), "split": "valid"}))
+    lines.append(json.dumps(_evaluation(50, scale * 1.2, gva)))
+    lines.append(json.dumps(_evaluation(50, scale * 1.3, gva, split="test")))  # after training, on the test split
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -46,11 +57,13 @@ def test_read_log_keeps_the_last_record_of_each_iteration(tmp_path):
     assert its == list(range(1, 51)) and run.bad_lines == 1 and run.name == "arra"
     assert lm[24] == pytest.approx(1.01 * (1 + 4 * math.exp(-2.5)))  # iteration 25 from the restarted run
     assert lm[9] == pytest.approx(1 + 4 * math.exp(-1))  # iteration 10 from before the crash
-    assert run.valid["lm_loss"] == ([20, 50], [1.5, 1.2])
+    assert run.valid["lm_loss"] == ([20, 50], [1.5, 1.2]) and run.valid["gva_cos"] == ([20, 50], [0.75, 0.75])
+    assert run.test["lm_loss"] == ([50], [1.3])  # not mixed into the training curves
+    assert run.train["lm_loss"][0][-1] == 50 and run.train["gva_cos"][1][-1] == pytest.approx(0.99)
     row = summarize(run)
     assert row["iterations"] == 50 and row["lm loss"] == pytest.approx(lm[-1])
     assert row["min lm loss"] == pytest.approx(min(lm)) and row["gva loss"] == pytest.approx(0.01)
-    assert (row["eval lm loss"], row["min eval lm loss"], row["FID"]) == (1.2, 1.2, None)
+    assert (row["eval lm loss"], row["min eval lm loss"], row["test lm loss"], row["FID"]) == (1.2, 1.2, 1.3, None)
 
 
 def test_smoothing_is_debiased_ema():
@@ -92,6 +105,6 @@ def test_compare_runs_bad_inputs_exit_2(tmp_path, caplog):
     assert "NAME one of ['a']" in caplog.text
     (tmp_path / "junk.jsonl").write_text("not json\n")
     assert compare_tool.main([str(tmp_path / "junk.jsonl")]) == 2
-    assert "no training or validation records" in caplog.text
+    assert "no training or evaluation records" in caplog.text
     with pytest.raises(SystemExit):
         compare_tool.main([str(tmp_path / "a.jsonl"), "--smoothing", "1.5"])

@@ -5,7 +5,7 @@ from tests.inference.fixtures import trained_model
 
 @pytest.fixture(scope="session")
 def model(tmp_path_factory):
-    """A tiny text-to-image model trained by the trainer CLI on a dataset built by the builder."""
+    """A tiny text-to-image model trained by the training loop on a dataset built by the builder."""
     return trained_model(tmp_path_factory.mktemp("generate"))
 
 

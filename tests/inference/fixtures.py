@@ -1,5 +1,6 @@
-"""A tiny text-to-image dataset built by the real builder, a model trained on it by the real
-trainer CLI, and its Hugging Face export: what the generation tests sample from."""
+"""A tiny text-to-image dataset built by the real builder, a model trained on it by the training
+loop (examples/pretrain_arra.py, Megatron-LM's loop), and its Hugging Face export: what the
+generation tests sample from."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ MAX_SEQ_LENGTH = 32  # up to 12 caption tokens
 # Llama-style (exportable to LlamaForCausalLM), 2 layers, GQA.
 MODEL_FLAGS = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
-    "--seq-length 31 --micro-batch-size 4 --global-batch-size 8 --lr 3e-3 --train-iters 4 --log-interval 1 "
-    "--hidden-dropout 0 --attention-dropout 0 --position-embedding-type rope --normalization RMSNorm --swiglu "
-    "--disable-bias-linear --untie-embeddings-and-output-weights --no-arra --condition-dropout-prob 0.2 "
-    "--num-workers 0 --eval-interval 1000"
+    "--seq-length 31 --max-position-embeddings 31 --micro-batch-size 4 --global-batch-size 8 --lr 3e-3 "
+    "--train-iters 4 --log-interval 1 --hidden-dropout 0 --attention-dropout 0 --position-embedding-type rope "
+    "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights --no-arra "
+    "--arra-condition-dropout-prob 0.2 --num-workers 0 --split 100,0,0 --eval-iters 0 --save-interval 4"
 ).split()
 
 
@@ -31,7 +32,7 @@ MODEL_FLAGS = (
 class TrainedModel:
     root: Path
     prefix: Path  # the dataset
-    checkpoint: Path  # the trainer's --save directory
+    checkpoint: Path  # the loop's --save directory
     vq: Path
     tokenizer: Path
 

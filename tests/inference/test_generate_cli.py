@@ -1,4 +1,4 @@
-"""tools/generate.py end to end: a model trained by the trainer -> PNGs decoded by the dataset's
+"""tools/generate.py end to end: a model trained by the training loop -> PNGs decoded by the dataset's
 VQ model, grid.png and samples.jsonl; the same images from the checkpoint and from its export."""
 
 from __future__ import annotations
@@ -176,3 +176,12 @@ def test_interrupted_sampling_resumes_at_another_world_size(samples_dp1, model, 
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert f"{written} of 6 images written earlier" in resumed.stderr
     assert _outputs(out) == _outputs(samples_dp1)
+
+
+def test_checkpoint_of_the_old_trainer_is_refused_with_the_conversion_command(tmp_path, capsys):
+    from arra_megatron.inference.cli import main
+
+    legacy = ROOT / "tests" / "training" / "data" / "legacy_trainer" / "ckpt"
+    assert main(["--load", str(legacy), "--class-ids", "0", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tools/convert_checkpoint.py legacy" in err and not (tmp_path / "out").exists()

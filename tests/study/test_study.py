@@ -1,7 +1,7 @@
 """tools/study.py: the shuffled-target control, the splits, and the whole pipeline at --quick size.
 
 The end-to-end test runs the real tools (train_vq, build_indexed_dataset with the pretrained
-EfficientNet-Lite0 encoder, the trainer, generate, evaluate) on Fashion-MNIST images, a few
+EfficientNet-Lite0 encoder, the training loop, generate, evaluate) on Fashion-MNIST images, a few
 minutes on 2 CPU cores; CI installs Debian's dataset-fashion-mnist for it (.ci/run).
 """
 

@@ -8,9 +8,14 @@ target (CLIP ViT-L/14). For each model and precision, the ARRA-on and ARRA-off m
 are built from one seed and their steps interleaved (order flipped every pair), so the
 on/off ratio is measured side by side; bf16 and FP8 are measured one after the other.
 
-A step is forward + backward + Megatron's Adam step over one global batch. FLOPs are
-counted as the trainer counts them (arra_megatron/training/metrics.py) and MFU is
-against the GPU's dense bf16 peak (``--peak-tflops``; H100 SXM: 989).
+Each model is described by the flags of the training loop (``examples/pretrain_arra.py``, with
+``--mock-data``), parsed and validated by it (``megatron_loop.parse_args``) and mapped to the
+model's config by it (``megatron_loop.transformer_config``): the bench measures the config a
+run with these flags trains. A step is forward + backward + Megatron's Adam step over one
+global batch. FLOPs are Megatron-LM's own count, the one its log line reports
+(``megatron.training.training.num_floating_point_operations``: the GPT's causal FLOPs, the
+same for ARRA on and off, so the on/off ratio of TFLOP/s is that of the step times), and MFU
+is against the GPU's dense bf16 peak (``--peak-tflops``; H100 SXM: 989).
 
     python tools/bench/gpu.py [--models llamagen-l 1b] [--steps 10] [--json-out FILE]
 """
@@ -18,20 +23,19 @@ against the GPU's dense bf16 peak (``--peak-tflops``; H100 SXM: 989).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import statistics
 import time
+from typing import List
 
 import torch
 
-
-from arra_megatron.config import ARRAConfig
 from arra_megatron.runtime.capabilities import has_gpu, has_transformer_engine
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing import tiny
-from arra_megatron.testing.steps import build_runner
-from arra_megatron.training.metrics import training_flops_per_token
+from arra_megatron.testing.steps import IMAGE_RANGE, build_runner
 
 MODELS = {
     "llamagen-l": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, num_query_groups=16,
@@ -42,17 +46,40 @@ MODELS = {
 TARGET_DIM = 768
 
 
+def loop_flags(name: str, precision: str, arra: bool, args) -> List[str]:
+    """pretrain_arra.py's flags for one model, precision and ARRA arm (Llama-style, dropout off)."""
+    shape = MODELS[name]
+    flags = ["--mock-data", "--vocab-size", IMAGE_RANGE[1], "--num-layers", shape["num_layers"],
+             "--hidden-size", shape["hidden_size"], "--num-attention-heads", shape["num_attention_heads"],
+             "--group-query-attention", "--num-query-groups", shape["num_query_groups"],
+             "--ffn-hidden-size", shape["ffn_hidden_size"], "--seq-length", shape["seq_length"],
+             "--max-position-embeddings", shape["seq_length"], "--micro-batch-size", shape["micro_batch_size"],
+             "--global-batch-size", shape["micro_batch_size"] * args.micro_batches, "--train-iters", 1,
+             "--lr", 1e-4, "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
+             "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights", "--hidden-dropout", 0,
+             "--attention-dropout", 0, "--bf16"]
+    flags += ["--arra-target-dim", TARGET_DIM] if arra else ["--no-arra"]
+    if precision == "fp8":
+        flags += ["--fp8-format", "hybrid", "--fp8-recipe", args.fp8_recipe]
+    return [str(f) for f in flags]
+
+
 def measure(name: str, precision: str, args) -> dict:
-    shape = dict(MODELS[name])
-    seq, mbs = shape.pop("seq_length"), shape.pop("micro_batch_size")
-    fp8 = dict(fp8="hybrid", fp8_recipe=args.fp8_recipe) if precision == "fp8" else {}
-    runners = {}
+    from megatron.training.training import num_floating_point_operations
+
+    from arra_megatron.training.megatron_loop import arra_config, layer_backend, parse_args, transformer_config
+
+    runners, loop_args = {}, {}
     for arm in ("off", "on"):
-        config = tiny.tiny_config(**shape, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
-                                  **fp8)
-        arra = ARRAConfig(target_dim=TARGET_DIM) if arm == "on" else ARRAConfig(enabled=False)
-        # The layer spec is the trainer's default: Transformer Engine when installed, else local.
-        runners[arm] = build_runner(config, arra, seq, mbs, mbs * args.micro_batches, seed=1234)
+        with contextlib.redirect_stdout(io.StringIO()):  # Megatron-LM prints every argument
+            loop_args[arm], _ = parse_args(loop_flags(name, precision, arm == "on", args))
+        margs = loop_args[arm]
+        # The layer spec is the loop's: Transformer Engine when installed, else local.
+        runners[arm] = build_runner(transformer_config(margs), arra_config(margs), margs.seq_length,
+                                    margs.micro_batch_size, margs.global_batch_size, seed=1234,
+                                    backend=layer_backend(margs))
+        margs.padded_vocab_size = runners[arm].vocab_size  # what Megatron-LM's tokenizer setup would set
+    seq, mbs = loop_args["on"].seq_length, loop_args["on"].micro_batch_size
     times = {"on": [], "off": []}
     for i in range(args.warmup + args.steps):
         for arm in (("on", "off") if i % 2 == 0 else ("off", "on")):
@@ -66,12 +93,12 @@ def measure(name: str, precision: str, args) -> dict:
               "micro_batches": args.micro_batches,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
     for arm, runner in runners.items():
-        config = runner.bundle.config
-        flops = training_flops_per_token(config, runner.vocab_size, seq, TARGET_DIM if arm == "on" else 0)
+        margs = loop_args[arm]
+        flops = num_floating_point_operations(margs, margs.global_batch_size)  # one step, Megatron-LM's count
         median = statistics.median(times[arm])
         tokens = runner.tokens_per_step / median
-        result[arm] = {"step_s": median, "tokens_per_s": tokens, "tflops": tokens * flops / 1e12,
-                       "mfu": tokens * flops / 1e12 / args.peak_tflops,
+        tflops = flops / median / 1e12
+        result[arm] = {"step_s": median, "tokens_per_s": tokens, "tflops": tflops, "mfu": tflops / args.peak_tflops,
                        "params_m": sum(p.numel() for c in runner.bundle.chunks for p in c.parameters()) / 1e6}
     result["arra_ratio_medians"] = result["on"]["step_s"] / result["off"]["step_s"]
     result["arra_ratio_paired"] = statistics.median(a / b for a, b in zip(times["on"], times["off"]))

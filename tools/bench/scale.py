@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="processes of the parallel runs")
     p.add_argument("--encoder", help="also compute targets with this --encoder spec")
     p.add_argument("--encoder-aggregation", default="cls")
-    p.add_argument("--load", help="a trainer checkpoint to sample from (omitted: no sampling bench)")
+    p.add_argument("--load", help="a checkpoint of pretrain_arra.py to sample from (omitted: no sampling bench)")
     p.add_argument("--data-path", help="its dataset prefix, when the checkpoint does not name one")
     p.add_argument("--samples", type=int, default=256, help="--num-samples per condition")
     p.add_argument("--micro-batch-size", type=int, default=64)
