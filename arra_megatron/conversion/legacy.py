@@ -312,25 +312,20 @@ def _build(old: LegacyCheckpoint, vocab_size: int):
     from megatron.core.enums import ModelType
     from megatron.training import get_args
     from megatron.training import training as megatron_training_loop
-    from megatron.training.global_vars import set_global_variables
 
-    from arra_megatron.runtime import cpu_mode, megatron_training
+    from arra_megatron.runtime import cpu_mode
     from arra_megatron.training import megatron_loop
 
     os.environ.setdefault("ARRA_CPU_MODE", "1")  # a file conversion: no GPU needed, gloo for the world of one
-    cpu_mode.maybe_enable_cpu_mode()
-    megatron_training.install()
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ConversionError("the conversion runs in one process; start it with python, not torchrun")
-    megatron_loop._single_process_env()
+    cpu_mode.maybe_enable_cpu_mode()  # before the parser: CPU mode's defaults (gloo, local layers)
     argv = loop_flags(old, vocab_size, megatron_loop.build_parser())
     logger.info("building the run in Megatron-LM's loop with: %s", " ".join(argv))
     try:
-        args, layout = megatron_loop.parse_args(argv)
+        megatron_loop.setup(argv)
     except SystemExit as err:
         raise ConversionError(f"Megatron-LM's loop refuses the old run's settings: {err}") from None
-    megatron_loop._Run.layout = layout  # what model_provider pads the vocabulary and masks logits with
-    set_global_variables(args)
     megatron_training_loop.initialize_megatron()
     model, optimizer, scheduler = megatron_training_loop.setup_model_and_optimizer(
         ModelType.encoder_or_decoder, model_provider_func=megatron_loop.model_provider)

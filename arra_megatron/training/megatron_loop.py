@@ -617,19 +617,30 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Da
     return args, prepare_args(args, layout)
 
 
-def main(argv=None) -> None:
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
-    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+def setup(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Everything before ``pretrain``: CPU mode and its patches, a world of one without torchrun,
+    the arguments checked and set as megatron.training's globals, the data layout kept for the
+    providers. Also used by tools that build the run's model outside ``pretrain``."""
     from megatron.training.global_vars import set_global_variables
 
-    from arra_megatron.runtime import cpu_mode, faults, megatron_training
+    from arra_megatron.runtime import cpu_mode, megatron_training
 
     cpu_mode.maybe_enable_cpu_mode()
     megatron_training.install()
     _single_process_env()
     args, _Run.layout = parse_args(argv)
     set_global_variables(args)
+    return args
+
+
+def main(argv=None) -> None:
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from arra_megatron.runtime import faults
+
+    args = setup(argv)
     if args.log_json and int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1:  # the last stage
         import atexit
 
