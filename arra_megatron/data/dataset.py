@@ -143,7 +143,9 @@ class ARRADataset(MegatronDataset):
             sample["arra_targets"] = row if valid else torch.zeros_like(row)
             sample["arra_valid"] = torch.tensor(valid)
         if self.dataset.images is not None:  # online targets: the encoded image, decoded by DALI later
-            sample["image_bytes"] = np.frombuffer(read_image_bytes(self.dataset.images, [doc_id])[0], np.uint8)
+            # Python bytes: torch's default collate (Megatron's loader) keeps them as a list, while
+            # arrays of different lengths would not stack.
+            sample["image_bytes"] = read_image_bytes(self.dataset.images, [doc_id])[0]
         return sample
 
 

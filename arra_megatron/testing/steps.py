@@ -1,5 +1,17 @@
-"""One training step on synthetic ARRA samples: the model, a Megatron optimizer and the
-real forward step and schedule, for the benchmarks in tools/bench/ and the GPU tests.
+"""The model, optimizer and forward step of Megatron-LM's loop (training/megatron_loop.py), built
+in this process for the tests and benchmarks that drive the schedule themselves.
+
+``loop_model(argv)`` runs what ``megatron.training.pretrain`` runs before its first step:
+``megatron_loop.setup`` (CPU mode, the arguments checked, Megatron-LM's globals),
+``initialize_megatron`` (process groups, seeds), ``setup_model_and_optimizer`` with
+``megatron_loop.model_provider`` (the chunks, wrapped as the loop wraps them; ``--load`` read
+as the loop reads it) and the model config as ``train`` prepares it; the schedule's forward
+step is ``megatron_loop.forward_step``. One model per process at a time: each call releases
+the previous one, so one set of workers can run layout after layout.
+
+``build_runner(config, arra, ...)`` is one optimizer step on synthetic ARRA samples for
+tools/bench/ and the GPU tests; its TransformerConfig becomes the flags that describe it
+(``flags_for``), and a config the flags cannot express is refused.
 
 Samples use the LlamaGen C2I layout by default: a short condition, 256 image tokens
 (256 px with a 16x VQ) from a 16,384-code book, and a per-sample target f_GF.
@@ -7,33 +19,189 @@ Samples use the LlamaGen C2I layout by default: a short condition, 256 image tok
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-from megatron.core import tensor_parallel
-from megatron.core.distributed import DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
+import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from arra_megatron.config import ARRAConfig
-from arra_megatron.models.gpt import pad_vocab_size
 from arra_megatron.models.specs import Backend
 from arra_megatron.testing import tiny
+from arra_megatron.training import megatron_loop
 from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
-from arra_megatron.training.model import ModelBundle, build_model
 
 IMAGE_TOKENS = 256               # 256 px with a 16x downsampling VQ
 IMAGE_RANGE = (64, 64 + 16384)   # LlamaGen VQ-16 codebook after 64 condition/special ids
 
 
+# ----------------------------------------------------------------------------- the loop's model
+@dataclasses.dataclass
+class LoopModel:
+    """What ``pretrain`` holds before its first step: arguments, model chunks (DDP-wrapped),
+    optimizer, scheduler, the chunks' TransformerConfig and the loop's forward step."""
+
+    args: argparse.Namespace
+    chunks: List[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    config: TransformerConfig
+    step: ARRAForwardStep  # the one ``megatron_loop.forward_step`` calls
+
+    @property
+    def tap(self):
+        """The ARRA tap of the loop (None with ``--no-arra``)."""
+        return megatron_loop._Run.tap
+
+    @property
+    def layout(self) -> megatron_loop.DataLayout:
+        return megatron_loop._Run.layout
+
+    def microbatches(self, samples: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        """This data-parallel rank's micro-batches of the global batch ``samples``."""
+        from megatron.core import parallel_state
+
+        return tiny.microbatches(samples, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                                 parallel_state.get_data_parallel_world_size())
+
+    def schedule(self, microbatches: list, forward_only: bool = False) -> list:
+        """Megatron-Core's schedule over ``microbatches`` with the loop's forward step, gradients
+        zeroed first, inside the rerun state machine as ``train_step`` runs it (it validates the
+        gradients): the loss reports of the last stage."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+        rerun = get_rerun_state_machine()
+        while rerun.should_run_forward_backward(None):
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            data = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
+            losses = get_forward_backward_func()(
+                forward_step_func=megatron_loop.forward_step, data_iterator=data, model=self.chunks,
+                num_microbatches=len(microbatches), seq_length=self.args.seq_length,
+                micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
+        return losses
+
+
+def release() -> None:
+    """Forget this process's loop model: Megatron-LM's globals and rerun state machine, the
+    model-parallel groups and the loop's per-process state (the default process group stays)."""
+    from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+    from megatron.training import global_vars
+
+    for name in ("layout", "config", "tap", "step", "online_targets", "json_log"):
+        setattr(megatron_loop._Run, name, None)
+    global_vars.unset_global_variables()
+    destroy_rerun_state_machine()
+    parallel_state.destroy_model_parallel()
+
+
+def loop_model(argv: List[str], layout: Optional[megatron_loop.DataLayout] = None) -> LoopModel:
+    """Megatron-LM's loop set up for ``argv`` (its flags) up to the first step; ``layout``: the data
+    layout when the samples are not the mock's (default: what ``parse_args`` reads from the data flags)."""
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    from megatron.core.enums import ModelType
+    from megatron.core.utils import get_model_config
+    from megatron.training import get_timers
+    from megatron.training.initialize import initialize_megatron
+    from megatron.training.training import setup_model_and_optimizer
+
+    from arra_megatron.runtime import cpu_mode
+
+    release()
+    args = megatron_loop.setup(argv)
+    if layout is not None:
+        megatron_loop._Run.layout = layout
+    initialize_megatron(allow_no_cuda=cpu_mode.is_enabled())
+    chunks, optimizer, scheduler = setup_model_and_optimizer(ModelType.encoder_or_decoder,
+                                                             megatron_loop.model_provider)
+    config = get_model_config(chunks[0])
+    # As megatron.training's train() prepares the config before its first step.
+    config.grad_scale_func = optimizer.scale_loss
+    config.timers = get_timers()
+    if isinstance(chunks[0], DistributedDataParallel) and args.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if args.align_grad_reduce:
+            grad_sync = [chunk.start_grad_sync for chunk in chunks]
+            config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    if config.finalize_model_grads_func is None:
+        config.finalize_model_grads_func = finalize_model_grads
+    # The forward step megatron_loop.forward_step builds on its first call, built now so that
+    # callers can hold it before a schedule ran (the same arguments as there).
+    run = megatron_loop._Run
+    run.step = ARRAForwardStep(megatron_loop.arra_config(args), run.layout.image_token_range, run.tap,
+                               z_loss_weight=args.arra_z_loss_weight, per_token_loss=args.calculate_per_token_loss,
+                               online_targets=run.online_targets)
+    return LoopModel(args, chunks, optimizer, scheduler, config, run.step)
+
+
+# ----------------------------------------------------------------------------- a config as flags
+#: TransformerConfig fields ``flags_for`` expresses; the built config must agree on each.
+CONFIG_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                 "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func",
+                 "add_bias_linear", "init_method_std", "hidden_dropout", "attention_dropout",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "virtual_pipeline_model_parallel_size", "sequence_parallel", "bf16", "fp16", "params_dtype",
+                 "fp8", "fp8_recipe", "recompute_granularity", "recompute_method", "recompute_num_layers")
+
+
+def flags_for(config: TransformerConfig, arra: ARRAConfig) -> List[str]:
+    """Megatron-LM flags of a Llama-style GPT (RoPE, untied output layer) with ``config``'s shape,
+    layout and precision, and the ARRA flags of ``arra``."""
+    flags = ["--num-layers", config.num_layers, "--hidden-size", config.hidden_size,
+             "--num-attention-heads", config.num_attention_heads, "--ffn-hidden-size", config.ffn_hidden_size,
+             "--normalization", config.normalization, "--norm-epsilon", config.layernorm_epsilon,
+             "--init-method-std", config.init_method_std, "--hidden-dropout", config.hidden_dropout,
+             "--attention-dropout", config.attention_dropout, "--position-embedding-type", "rope",
+             "--untie-embeddings-and-output-weights",
+             "--tensor-model-parallel-size", config.tensor_model_parallel_size,
+             "--pipeline-model-parallel-size", config.pipeline_model_parallel_size]
+    if config.num_query_groups not in (None, config.num_attention_heads):
+        flags += ["--group-query-attention", "--num-query-groups", config.num_query_groups]
+    if config.kv_channels != config.hidden_size // config.num_attention_heads:
+        flags += ["--kv-channels", config.kv_channels]
+    flags += ["--swiglu"] if config.gated_linear_unit else []
+    flags += [] if config.add_bias_linear else ["--disable-bias-linear"]
+    if config.virtual_pipeline_model_parallel_size:
+        per_chunk = config.num_layers // (config.pipeline_model_parallel_size * config.virtual_pipeline_model_parallel_size)
+        flags += ["--num-layers-per-virtual-pipeline-stage", per_chunk]
+    flags += ["--sequence-parallel"] if config.sequence_parallel else []
+    flags += ["--bf16"] if config.bf16 else ["--fp16"] if config.fp16 else []
+    if config.fp8:
+        flags += ["--fp8-format", config.fp8, "--fp8-recipe", config.fp8_recipe]
+    if config.recompute_granularity:
+        flags += ["--recompute-granularity", config.recompute_granularity]
+        if config.recompute_method:
+            flags += ["--recompute-method", config.recompute_method, "--recompute-num-layers",
+                      config.recompute_num_layers]
+    if not arra.enabled:
+        flags += ["--no-arra"]
+    else:
+        flags += ["--arra-align-layer", arra.align_layer, "--arra-weight", arra.weight, "--arra-objective",
+                  arra.objective, "--arra-target", arra.target, "--arra-projector", arra.projector,
+                  "--arra-target-dim", arra.target_dim, "--arra-aggregation", arra.aggregation]
+    return [str(flag) for flag in flags]
+
+
+def check_config(built: TransformerConfig, wanted: TransformerConfig) -> None:
+    differ = {name: (getattr(built, name), getattr(wanted, name)) for name in CONFIG_FIELDS
+              if getattr(built, name) != getattr(wanted, name)}
+    if differ:
+        raise ValueError(f"the loop's flags do not express this TransformerConfig: (built, wanted) {differ}")
+
+
+# ----------------------------------------------------------------------------- one training step
 @dataclasses.dataclass
 class StepRunner:
     """``runner()`` runs one optimizer step (or ``runner(forward_only=True)`` a loss only)."""
 
-    bundle: ModelBundle
+    bundle: LoopModel
     optimizer: object
-    step: ARRAForwardStep
+    step: object
     microbatches: list
     seq_length: int
     micro_batch_size: int
@@ -44,13 +212,7 @@ class StepRunner:
         return self.seq_length * self.micro_batch_size * len(self.microbatches)
 
     def __call__(self, forward_only: bool = False, optimizer_step: bool = True) -> Dict[str, float]:
-        for chunk in self.bundle.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=self.step, data_iterator=iter(self.microbatches), model=self.bundle.chunks,
-            num_microbatches=len(self.microbatches), seq_length=self.seq_length,
-            micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+        losses = self.bundle.schedule(self.microbatches, forward_only=forward_only)
         metrics = self.step.end_step(losses)
         if not forward_only and optimizer_step:
             self.optimizer.step()
@@ -61,19 +223,23 @@ def build_runner(config: TransformerConfig, arra: ARRAConfig, seq_length: int, m
                  global_batch: int, seed: int = 1234, backend: Optional[Backend] = None,
                  num_image_tokens: int = IMAGE_TOKENS, image_range=IMAGE_RANGE, lr: float = 1e-4,
                  data_seed: int = 1) -> StepRunner:
-    """A model built from ``seed`` (same seed: same weights) and a fixed global batch."""
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    half = config.bf16 or config.fp16
-    vocab = pad_vocab_size(image_range[1], config.tensor_model_parallel_size)
-    bundle = build_model(config, arra, vocab, seq_length, seed=seed, backend=backend,
-                         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=half))
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, bf16=config.bf16, fp16=config.fp16,
-                        params_dtype=config.params_dtype),
-        bundle.chunks)
-    config.grad_scale_func = optimizer.scale_loss
+    """The loop's model for ``config`` built from ``seed`` (same seed: same weights), Adam at a
+    constant ``lr``, and a fixed global batch of synthetic samples (``data_seed``).
+
+    The rerun state machine is off (``--rerun-mode disabled``, as megatron.training turns it off
+    for an evaluation): callers may run the schedule without ``train_step``'s rerun loop; a NaN
+    gradient still raises."""
+    impl = {None: [], "te": ["--transformer-impl", "transformer_engine"], "local": ["--transformer-impl", "local"],
+            "cpu": ["--transformer-impl", "local"]}[backend]
+    vocab = image_range[1]
+    argv = flags_for(config, arra) + impl + [
+        "--seq-length", str(seq_length), "--max-position-embeddings", str(seq_length),
+        "--micro-batch-size", str(micro_batch_size), "--global-batch-size", str(global_batch),
+        "--train-iters", "1000", "--lr", str(lr), "--lr-decay-style", "constant", "--seed", str(seed),
+        "--mock-data", "--vocab-size", str(vocab), "--rerun-mode", "disabled"]
+    model = loop_model(argv, megatron_loop.DataLayout(vocab, tuple(image_range), arra.target_dim))
+    check_config(model.config, config)
     samples = tiny.synthetic_samples(global_batch, seq_length, num_image_tokens=num_image_tokens,
                                      target_dim=arra.target_dim, seed=data_seed, image_token_range=image_range)
-    microbatches = tiny.microbatches(samples, micro_batch_size)
-    step = ARRAForwardStep(arra, image_range, bundle.tap, num_microbatches=len(microbatches))
-    return StepRunner(bundle, optimizer, step, microbatches, seq_length, micro_batch_size, vocab)
+    return StepRunner(model, model.optimizer, model.step, model.microbatches(samples), seq_length, micro_batch_size,
+                      megatron_loop.padded_vocab_size(model.args))

@@ -1,8 +1,10 @@
 """The GPU path in one process on one GPU (NCCL): Transformer Engine layers, FP8 for the
 model and the ARRA projector, and loading CPU/local-spec checkpoints into TE models.
 
-Every model here starts from one dist checkpoint written by the local (non-TE) spec, so
-the comparisons are between precisions and implementations, not initialisations.
+Each model is Megatron-LM's loop's (``testing/steps.py``: ``megatron_loop.parse_args`` of the
+flags that describe the config, ``setup_model_and_optimizer`` with ``megatron_loop.model_provider``)
+and starts from one Megatron-LM checkpoint written by the local (non-TE) spec, so the
+comparisons are between precisions and implementations, not initialisations.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ SEQ, MBS, GBS, IMAGE_TOKENS, IMAGE_RANGE = 128, 4, 8, 96, (64, 64 + 1024)
 
 @pytest.fixture(scope="module", autouse=True)
 def single_gpu_world():
-    from arra_megatron.runtime.distributed import destroy_model_parallel, initialize_model_parallel
-
-    initialize_model_parallel(1, 1)
+    """A world of one: the runners build the loop's model in this process, one at a time."""
     yield
+    from arra_megatron.runtime.distributed import destroy_model_parallel
+    from arra_megatron.testing.steps import release
+
+    release()
     destroy_model_parallel()
 
 
@@ -36,7 +40,7 @@ def _runner(backend: str, fp8=None, recipe="delayed", target_dim=128, checkpoint
     from arra_megatron.config import ARRAConfig
     from arra_megatron.testing import tiny
     from arra_megatron.testing.steps import build_runner
-    from arra_megatron.training.checkpointing import load_model_weights
+    from arra_megatron.training import checkpoints
 
     config = tiny.tiny_config(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
                               bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
@@ -44,19 +48,18 @@ def _runner(backend: str, fp8=None, recipe="delayed", target_dim=128, checkpoint
     runner = build_runner(config, ARRAConfig(align_layer=2, target_dim=target_dim), SEQ, MBS, GBS, seed=7,
                           backend=backend, num_image_tokens=IMAGE_TOKENS, image_range=IMAGE_RANGE)
     if checkpoint is not None:
-        load_model_weights(runner.bundle.chunks, str(checkpoint))
+        checkpoints.load_model(runner.bundle.chunks, checkpoints.resolve(str(checkpoint)))
     return runner
 
 
 @pytest.fixture(scope="module")
 def local_checkpoint(tmp_path_factory):
     """Weights of the local-spec model (no TE, no ``_extra_state``), and its bf16 metrics."""
-    from arra_megatron.training.checkpointing import save_model_weights
+    from arra_megatron.training import checkpoints
 
     path = tmp_path_factory.mktemp("local") / "weights"
-    path.mkdir()
     runner = _runner("local")
-    save_model_weights(runner.bundle.chunks, str(path))
+    checkpoints.save_model(runner.bundle.chunks, str(path), runner.bundle.args)
     metrics = runner(optimizer_step=False)
     grads = _grads(runner)
     del runner

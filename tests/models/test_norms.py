@@ -1,5 +1,5 @@
 """The per-head q/k LayerNorm equals transformers' ChameleonLayerNorm, also on the heads of each
-TP2 rank, and the trainer selects it in every layer spec."""
+TP2 rank, and the training loop's flag selects it in every layer spec."""
 
 from __future__ import annotations
 
@@ -25,17 +25,19 @@ def test_per_head_layernorm_matches_chameleon(tp):
         assert result["specs"] == {b: ("PerHeadQueryLayerNorm", "PerHeadKeyLayerNorm") for b in ("local", "cpu")}
 
 
-def test_trainer_flag_selects_the_module():
-    from arra_megatron.training.arguments import ArgumentError, build_parser, transformer_config, validate_args
+def test_loop_flag_selects_the_module(monkeypatch):
+    """--qk-layernorm-per-head through megatron_loop.parse_args into the TransformerConfig."""
+    from arra_megatron.training.megatron_loop import parse_args, transformer_config
 
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
-            "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-4",
-            "--mock-data", "--vocab-size", "128", "--no-arra", "--normalization", "RMSNorm"]
-    args = build_parser().parse_args(base + ["--qk-layernorm-per-head"])
-    with pytest.raises(ArgumentError, match="--qk-layernorm-per-head needs --qk-layernorm"):
-        validate_args(args, 1)
-    args = build_parser().parse_args(base + ["--qk-layernorm", "--qk-layernorm-per-head"])
-    validate_args(args, 1)
+            "--max-position-embeddings", "16", "--micro-batch-size", "1", "--global-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-4", "--mock-data", "--vocab-size", "128", "--no-arra",
+            "--normalization", "RMSNorm"]
+    with pytest.raises(SystemExit, match="--qk-layernorm-per-head needs --qk-layernorm"):
+        parse_args(base + ["--qk-layernorm-per-head"])
+    args, _ = parse_args(base + ["--qk-layernorm", "--qk-layernorm-per-head"])
     config = transformer_config(args)
     assert config.qk_layernorm and config.qk_layernorm_per_head
-
+    assert not transformer_config(parse_args(base + ["--qk-layernorm"])[0]).qk_layernorm_per_head

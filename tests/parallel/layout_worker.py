@@ -1,93 +1,152 @@
-"""Worker side of the layout-invariance tests: one global batch through one parallel layout."""
+"""Worker side of the layout-invariance tests: one global batch through one parallel layout of
+Megatron-LM's loop (``testing/steps.py::loop_model``: ``megatron_loop.parse_args``,
+``initialize_megatron``, ``setup_model_and_optimizer`` with ``megatron_loop.model_provider``,
+the reference weights read by ``--load``; the schedule calls ``megatron_loop.forward_step``).
+
+The vocabulary has 300 ids, which Megatron-LM pads to 384 rows at TP1 and 512 at TP2
+(``--make-vocab-size-divisible-by 128`` x TP): every TP1/TP2 comparison crosses paddings.
+"""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from arra_megatron.config import ARRAConfig
-from arra_megatron.runtime.distributed import initialize_model_parallel
+from arra_megatron.data.mock import mock_image_token_range
 from arra_megatron.testing import tiny
-from arra_megatron.training.checkpointing import load_model_weights, save_model_weights
-from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
-from arra_megatron.training.model import build_model
+from arra_megatron.testing.steps import loop_model
+from arra_megatron.training import checkpoints, megatron_loop
+from arra_megatron.training.forward_step import read_metrics
 
 SEQ = 32
 TARGET_DIM = 16
 GLOBAL_BATCH = 8
+NUM_LAYERS = 4
+VOCAB = 300                                   # ids the samples use
+IMAGE_RANGE = mock_image_token_range(VOCAB)   # (150, 300), as --mock-data lays a vocabulary of 300 out
+ROWS = {1: 384, 2: 512}                       # padded vocabulary rows by TP size
+MODEL = (
+    f"--num-layers {NUM_LAYERS} --hidden-size 64 --num-attention-heads 4 --group-query-attention "
+    f"--num-query-groups 2 --ffn-hidden-size 128 --normalization RMSNorm --swiglu --disable-bias-linear "
+    f"--position-embedding-type rope --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 "
+    f"--seq-length {SEQ} --max-position-embeddings {SEQ} --global-batch-size {GLOBAL_BATCH} --train-iters 10 "
+    f"--lr 1e-3 --mock-data --make-vocab-size-divisible-by 128 --arra-target-dim {TARGET_DIM}"
+).split()
 
 
-def arra_config(**overrides) -> ARRAConfig:
-    return ARRAConfig(**{"align_layer": 1, "target_dim": TARGET_DIM, **overrides})
+# (world size, layouts run in those processes), for test_layout_invariance.py and
+# test_vocab_padding.py (one run, conftest.py). "k3" variants tap layer 3 of 4, which PP2
+# puts on the second stage (and PP2 x VPP2 on rank 0's second virtual stage).
+K3 = {"arra": {"align-layer": 3}}
+MSE = {"arra": {"objective": "mse", "target": "rep", "projector": "pool"}}
+REFERENCE = "TP1/PP1, 4 micro-batches (reference)"
+UNMASKED = "TP1, padding ids unmasked"
+LAYOUTS = {
+    1: [
+        (REFERENCE, {}),
+        ("TP1/PP1, 1 micro-batch", {"mbs": 8}),
+        ("TP1/PP1, 8 micro-batches", {"mbs": 1}),
+        ("full recompute", {"recompute": "full"}),
+        ("selective recompute", {"recompute": "selective"}),
+        ("k=3 reference", K3),
+        ("z-loss reference", {"z_loss": 1e-2}),
+        ("mse/rep/pool reference", MSE),
+        (UNMASKED, {"unmasked": True}),
+    ],
+    2: [
+        ("TP2", {"tp": 2}),
+        ("TP2 + SP", {"tp": 2, "sp": True}),
+        ("TP2 + SP + full recompute", {"tp": 2, "sp": True, "recompute": "full"}),
+        ("PP2", {"pp": 2}),
+        ("PP2, k=3 on stage 2", {"pp": 2, **K3}),
+        ("PP2 + full recompute, k=3", {"pp": 2, "recompute": "full", **K3}),
+        ("PP2 x VPP2, k=1 ends a virtual stage", {"pp": 2, "vpp": 2}),
+        ("PP2 x VPP2, k=3", {"pp": 2, "vpp": 2, **K3}),
+        ("DP2 + distributed optimizer", {"distopt": True}),
+        ("DP2 + overlapped grad reduce, 1 micro-batch each", {"overlap": True, "mbs": 4}),
+        ("TP2 + SP + z-loss", {"tp": 2, "sp": True, "z_loss": 1e-2}),
+        ("PP2, k=3, loss scale 1024", {"pp": 2, "loss_scale": 1024.0, **K3}),
+        ("TP2 + SP, mse/rep/pool", {"tp": 2, "sp": True, **MSE}),
+    ],
+    4: [
+        ("TP2 x PP2", {"tp": 2, "pp": 2}),
+        ("TP2 x PP2 + SP + selective recompute, k=3", {"tp": 2, "pp": 2, "sp": True,
+                                                       "recompute": "selective", **K3}),
+    ],
+}
+#: The layouts of the masked model (every one but the unmasked control).
+MASKED = [name for named in LAYOUTS.values() for name, _ in named if name != UNMASKED]
 
 
-def _build(layout: dict, arra: ARRAConfig):
+def reference_for(layout: dict) -> str:
+    """The TP1/PP1 layout with the same loss settings as ``layout``."""
+    if layout.get("z_loss"):
+        return "z-loss reference"
+    if layout.get("arra", {}).get("objective") == "mse":
+        return "mse/rep/pool reference"
+    if layout.get("arra", {}).get("align-layer") == 3:
+        return "k=3 reference"
+    return REFERENCE
+
+
+def flags(layout: dict) -> list:
+    """The loop's flags for ``layout``.
+
+    ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective), mbs
+    (micro-batch size; the global batch is 8), z_loss, seed, arra (--arra-* flag name -> value),
+    unmasked (a vocabulary of all the padded rows: the padding ids' logits are not masked).
+    """
     tp, pp, vpp = layout.get("tp", 1), layout.get("pp", 1), layout.get("vpp")
-    initialize_model_parallel(tp, pp, vpp, seed=layout.get("seed", 1234))
-    recompute = layout.get("recompute")
-    overrides = {}
-    if recompute == "full":
-        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute == "selective":
-        overrides = dict(recompute_granularity="selective")
-    if layout.get("dealloc"):  # Megatron-LM's default: stage outputs freed early, must be viewless
-        overrides["deallocate_pipeline_outputs"] = True
-    config = tiny.tiny_config(tp, pp, vpp, sequence_parallel=layout.get("sp", False),
-                              num_layers=layout.get("num_layers", 4), **overrides)
-    ddp = DistributedDataParallelConfig(
-        use_distributed_optimizer=layout.get("distopt", False),
-        overlap_grad_reduce=layout.get("overlap", False),
-    )
-    padded, real = layout.get("vocab", (tiny.VOCAB_SIZE, None))
-    return build_model(config, arra, padded, SEQ, ddp_config=ddp, real_vocab_size=real)
+    argv = MODEL + ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+                    "--micro-batch-size", layout.get("mbs", 2), "--seed", layout.get("seed", 1234),
+                    "--vocab-size", ROWS[tp] if layout.get("unmasked") else VOCAB,
+                    "--arra-z-loss-weight", layout.get("z_loss", 0.0)]
+    if vpp:
+        argv += ["--num-layers-per-virtual-pipeline-stage", NUM_LAYERS // (pp * vpp)]
+    argv += ["--sequence-parallel"] if layout.get("sp") else []
+    argv += ["--use-distributed-optimizer"] if layout.get("distopt") else []
+    argv += ["--overlap-grad-reduce"] if layout.get("overlap") else []
+    if layout.get("recompute") == "full":
+        argv += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", 1]
+    elif layout.get("recompute") == "selective":
+        argv += ["--recompute-granularity", "selective"]
+    for name, value in {"align-layer": 1, **layout.get("arra", {})}.items():
+        argv += [f"--arra-{name}", value]
+    return [str(arg) for arg in argv]
+
+
+def build(layout: dict, load: str = None):
+    """The loop's model for ``layout`` (``load``: a checkpoint for ``--load``)."""
+    argv = flags(layout) + (["--load", load] if load else [])
+    data = megatron_loop.DataLayout(ROWS[layout.get("tp", 1)] if layout.get("unmasked") else VOCAB, IMAGE_RANGE)
+    return loop_model(argv, data)
 
 
 def save_reference(ckpt_dir: str) -> None:
-    """Random full weights (TP1/PP1), saved once with dist checkpointing.
+    """Random full weights (TP1/PP1, 384 vocabulary rows), saved once as a Megatron-LM checkpoint
+    (``ckpt_dir/release``: ``--load`` reads it at iteration 0, weights only).
 
-    The projector is saved under ``arra_projector.`` whatever layer it taps, so the
-    same checkpoint serves every ``align_layer``.
+    RMSNorm weights start at one and the projector's biases at zero: both are moved so they
+    matter. The rows past the 300 ids hold large random values, so an unmasked padding id
+    would change the loss. The projector is saved under ``arra_projector.`` whatever layer it
+    taps, so the same checkpoint serves every ``--arra-align-layer``.
     """
-    bundle = _build({"seed": 7}, arra_config())
-    with torch.no_grad():  # RMSNorm weights start at one: make them matter too
-        for name, param in bundle.chunks[0].named_parameters():
-            if "layernorm" in name or "final_layernorm" in name:
+    model = build({"seed": 7})
+    gpt, _ = unwrap(model.chunks[0])
+    with torch.no_grad():
+        for name, param in model.chunks[0].named_parameters():
+            if "layernorm" in name:
                 param.add_(0.1 * torch.randn_like(param))
             if "arra_projector" in name and "bias" in name:
                 param.normal_(0.0, 0.02)
-    save_model_weights(bundle.chunks, ckpt_dir)
+        for weight in (gpt.embedding.word_embeddings.weight, gpt.output_layer.weight):
+            weight[VOCAB:] = 3.0 * torch.randn_like(weight[VOCAB:]) + 1.0
+    checkpoints.save_model(model.chunks, ckpt_dir, model.args)
 
 
-def save_padded_references(ckpt_root: str, real: int, padded: dict) -> None:
-    """The reference weights for a ``real``-id vocabulary at each padded size in ``padded``
-    (name -> rows): the largest built and saved first, the others its leading rows. The rows
-    past ``real`` hold large random values, so an unmasked padding id would change the loss."""
-    sizes = sorted(padded.items(), key=lambda item: -item[1])
-    big = None
-    for name, rows in sizes:
-        bundle = _build({"seed": 7, "vocab": (rows, real)}, arra_config())
-        gpt, _ = _unwrap(bundle.chunks[0])
-        with torch.no_grad():
-            if big is None:
-                for pname, param in gpt.named_parameters():
-                    if "layernorm" in pname:
-                        param.add_(0.1 * torch.randn_like(param))
-                for weight in (gpt.embedding.word_embeddings.weight, gpt.output_layer.weight):
-                    weight[real:] = 3.0 * torch.randn_like(weight[real:]) + 1.0
-                big = {pname: param.detach().clone() for pname, param in bundle.chunks[0].named_parameters()}
-            else:
-                for pname, param in bundle.chunks[0].named_parameters():
-                    param.copy_(big[pname][:param.size(0)])
-        os.makedirs(f"{ckpt_root}/{name}", exist_ok=True)
-        save_model_weights(bundle.chunks, f"{ckpt_root}/{name}")
-
-
-def _unwrap(chunk):
+def unwrap(chunk):
+    """(GPTModel, ARRA projector or None) of a DDP-wrapped chunk."""
     module = chunk.module  # DDP -> chunk
     return getattr(module, "module", module), getattr(module, "arra_projector", None)
 
@@ -112,11 +171,11 @@ def _gather_distributed_optimizer_grads(chunks) -> None:
                 torch.distributed.all_gather_into_tensor(bucket.grad_data, shard, group=comm)
 
 
-def collect_grads(bundle, num_layers: int, align_layer: int) -> dict:
+def collect_grads(chunks, align_layer: int) -> dict:
     """Full (TP-gathered) gradients of the watched parameters held by this rank's stage."""
     wanted = {}
-    for chunk in bundle.chunks:
-        gpt, projector = _unwrap(chunk)
+    for chunk in chunks:
+        gpt, projector = unwrap(chunk)
         if gpt.pre_process:
             wanted["word_embeddings"] = gpt.embedding.word_embeddings.weight
         if gpt.post_process:
@@ -124,8 +183,8 @@ def collect_grads(bundle, num_layers: int, align_layer: int) -> dict:
         for layer in gpt.decoder.layers:
             if layer.layer_number == align_layer:
                 wanted[f"layer{align_layer}.linear_qkv"] = layer.self_attention.linear_qkv.weight
-            if layer.layer_number == num_layers:
-                wanted[f"layer{num_layers}.linear_fc2"] = layer.mlp.linear_fc2.weight
+            if layer.layer_number == NUM_LAYERS:
+                wanted[f"layer{NUM_LAYERS}.linear_fc2"] = layer.mlp.linear_fc2.weight
         if projector is not None:
             for name, param in projector.named_parameters():
                 wanted[f"projector.{name}"] = param
@@ -147,7 +206,8 @@ def run_named_layouts(ckpt_dir: str, layouts: dict) -> dict:
                 grads.update(rank_results[index]["grads"])
             metrics = [rank_results[index]["metrics"] for rank_results in per_rank]
             assert all(m == metrics[0] for m in metrics), f"{name}: ranks disagree on metrics {metrics}"
-            out[name] = {"layout": layout, "metrics": metrics[0], "grads": grads}
+            out[name] = {"layout": layout, "metrics": metrics[0], "grads": grads,
+                         "rows": per_rank[0][index]["rows"]}
     return out
 
 
@@ -159,36 +219,19 @@ def run_layouts(ckpt_dir: str, layouts: list) -> list:
 def run_layout(ckpt_dir: str, layout: dict) -> dict:
     """Load the reference weights into ``layout``, run one global batch, report losses and grads.
 
-    ``layout`` keys: tp, pp, vpp, sp, distopt, overlap, recompute (full|selective), dealloc,
-    vocab ((padded rows, real ids or None)), ckpt (a sub-directory of ``ckpt_dir`` to load),
-    mbs (micro-batch size; the global batch is 8), z_loss, loss_scale (a constant fp16-style
-    loss scale; gradients are divided by it again before comparison), arra (ARRAConfig overrides).
+    ``loss_scale`` in ``layout``: a constant fp16-style loss scale in place of the optimizer's
+    (gradients are divided by it again before comparison).
     """
-    arra = arra_config(**layout.get("arra", {}))
-    bundle = _build(layout, arra)
-    load_model_weights(bundle.chunks, f"{ckpt_dir}/{layout['ckpt']}" if "ckpt" in layout else ckpt_dir)
-
-    dp = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    samples = tiny.synthetic_samples(GLOBAL_BATCH, SEQ, target_dim=TARGET_DIM, seed=11, text_only_every=3)
-    mbs = tiny.microbatches(samples, layout.get("mbs", 2), dp_rank, dp)
-
-    step = ARRAForwardStep(arra, tiny.IMAGE_TOKEN_RANGE, bundle.tap, z_loss_weight=layout.get("z_loss", 0.0),
-                           num_microbatches=len(mbs))
+    model = build(layout, load=ckpt_dir)
+    samples = tiny.synthetic_samples(GLOBAL_BATCH, SEQ, target_dim=TARGET_DIM, seed=11, text_only_every=3,
+                                     image_token_range=IMAGE_RANGE)
     loss_scale = layout.get("loss_scale", 1.0)
     if loss_scale != 1.0:  # as the fp16 optimizer's scale_loss does
-        bundle.config.grad_scale_func = lambda loss: loss * loss_scale
-    for chunk in bundle.chunks:
-        chunk.zero_grad_buffer()
-    data = [iter(mbs) for _ in bundle.chunks] if len(bundle.chunks) > 1 else iter(mbs)
-    losses = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=data, model=bundle.chunks, num_microbatches=len(mbs),
-        seq_length=SEQ, micro_batch_size=layout.get("mbs", 2), forward_only=False,
-    )
-    metrics = read_metrics(step.end_step(losses))
+        model.config.grad_scale_func = lambda loss: loss * loss_scale
+    metrics = read_metrics(model.step.end_step(model.schedule(model.microbatches(samples))))
     if layout.get("distopt"):
-        _gather_distributed_optimizer_grads(bundle.chunks)
-    grads = collect_grads(bundle, bundle.config.num_layers, arra.align_layer)
+        _gather_distributed_optimizer_grads(model.chunks)
+    grads = collect_grads(model.chunks, model.args.arra_align_layer)
     grads = {name: grad / loss_scale for name, grad in grads.items()}
-    keep = parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
-    return {"metrics": metrics, "grads": grads if keep else {}}
+    keep = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    return {"metrics": metrics, "grads": grads if keep else {}, "rows": megatron_loop.padded_vocab_size(model.args)}

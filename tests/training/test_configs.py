@@ -1,10 +1,12 @@
 """The recipes in examples/configs/ parse and validate for the GPU count they were written for.
 
-Each recipe goes through the trainer's own ``parse_args`` (every cross-flag rule:
-divisibility of the batch, heads and layers by the layout, layer k inside the model,
-schedule) with its data flags replaced by ``--mock-data`` (the recipes carry no data
-path), and its sequence length is checked against the sample layout
-``[BOS] condition [BOI] x_1..x_n [EOI] [EOS]`` it is meant for.
+Each recipe goes through the loop's own ``megatron_loop.parse_args`` (Megatron-LM's
+validation and the project's rules: every key a flag, layer k inside the model, the data
+against the model) with its data flags given here (``--mock-data``, or a dataset manifest
+for online targets; the recipes carry no data path), and its TransformerConfig through
+``megatron_loop.transformer_config`` (Megatron-Core's own checks: heads by TP ...). Its
+sequence length is checked against the sample layout ``[BOS] condition [BOI] x_1..x_n [EOI] [EOS]``
+it is meant for.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import subprocess
 import pytest
 import yaml
 
-from arra_megatron.tokenization.profile import NUM_FRAME_TOKENS, ModelIdentity, TokenizerProfile
-from arra_megatron.training.arguments import parse_args, transformer_config
+from arra_megatron.tokenization.profile import NUM_FRAME_TOKENS, ModelIdentity, SpecialTokens, TokenizerProfile
+from arra_megatron.training.megatron_loop import build_parser, transformer_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(ROOT, "examples", "configs")
@@ -39,13 +41,23 @@ def recipe_path(name: str) -> str:
     return os.path.join(CONFIGS, name)
 
 
-def parse_recipe(name: str, tmp_path, *extra: str):
+def parse_recipe(parse, name: str, tmp_path, *extra: str):
     world, flags, _, _ = RECIPES[name]
     with open(recipe_path(name)) as f:
         keys = yaml.safe_load(f)
-    data = ["--mock-data"] + ([] if "vocab-size" in keys else ["--vocab-size", "512"])
-    save = ["--save", str(tmp_path / "ckpt")]  # the recipes set --save-interval; --save is per run
-    return parse_args(["--config", recipe_path(name), *data, *save, *flags, *extra], world_size=world)
+    if keys.get("arra-targets") == "online":  # images come from a dataset: its manifest
+        prefix = str(tmp_path / "online")
+        write_dataset_manifest(prefix, CHAMELEON, NUM_FRAME_TOKENS + 125 + 1024, target_dim=None)
+        data = ["--data-path", prefix]
+    else:
+        data = ["--mock-data"] + ([] if "vocab-size" in keys else ["--vocab-size", "512"])
+    # --save is per run (Megatron-LM wants --save-interval with it: the recipes that set one)
+    save = ["--save", str(tmp_path / "ckpt")] if "save-interval" in keys else []
+    return parse(["--config", recipe_path(name), *data, *save, *flags, *extra], world_size=world)
+
+
+def num_microbatches(args) -> int:
+    return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
 
 
 def test_every_recipe_is_covered():
@@ -54,18 +66,28 @@ def test_every_recipe_is_covered():
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipe_is_consistent(name, tmp_path):
+def test_every_key_is_a_flag_of_the_loop(name):
+    """Keys are the flags of Megatron-LM's loop and the --arra-* ones (not the old trainer's)."""
+    flags = {option for action in build_parser()._actions for option in action.option_strings}
+    with open(recipe_path(name)) as f:
+        keys = yaml.safe_load(f)
+    unknown = [key for key in keys if "--" + key not in flags]
+    assert not unknown, f"{name}: not flags of pretrain_arra.py: {unknown}"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_is_consistent(parse, name, tmp_path):
     with open(recipe_path(name)) as f:
         text = f.read()
     keys = yaml.safe_load(text)
     assert text.startswith("#"), "each recipe starts with a comment header (source, what to change)"
     assert not {"data-path", "data_path", "mock-data", "mock_data"} & set(keys), "data paths stay out of recipes"
 
-    args = parse_recipe(name, tmp_path)
+    args = parse_recipe(parse, name, tmp_path)
     world, _, image_tokens, min_condition = RECIPES[name]
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     assert tp * pp * args.data_parallel_size == world
-    assert args.num_microbatches * args.micro_batch_size * args.data_parallel_size == args.global_batch_size
+    assert num_microbatches(args) * args.micro_batch_size * args.data_parallel_size == args.global_batch_size
     assert 1 <= args.arra_align_layer <= args.num_layers
     assert args.hidden_size % args.num_attention_heads == 0 and args.num_attention_heads % tp == 0
     assert args.num_layers % pp == 0
@@ -75,18 +97,21 @@ def test_recipe_is_consistent(name, tmp_path):
     # sample (frame tokens, image, smallest condition) must fit.
     assert args.seq_length + 1 >= NUM_FRAME_TOKENS + image_tokens + min_condition
     assert args.max_position_embeddings >= args.seq_length
-    assert args.lr_warmup_iters < args.lr_decay_iters
+    assert args.lr_warmup_iters < (args.lr_decay_iters or args.train_iters)
     # Megatron-Core's own checks on the model config (TransformerConfig.__post_init__).
     config = transformer_config(args)
-    assert config.num_layers == args.num_layers
+    assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (
+        args.num_layers, args.hidden_size, args.ffn_hidden_size)
+    assert config.gated_linear_unit == args.swiglu and config.add_bias_linear == args.add_bias_linear
+    assert config.tensor_model_parallel_size == tp and config.sequence_parallel == args.sequence_parallel
 
 
 @pytest.mark.parametrize("name", ["llamagen_b_c2i_imagenet256.yaml", "llamagen_l_c2i_imagenet256.yaml"])
-def test_llamagen_c2i_recipes(name, tmp_path):
-    args = parse_recipe(name, tmp_path)
+def test_llamagen_c2i_recipes(parse, name, tmp_path):
+    args = parse_recipe(parse, name, tmp_path)
     size = {"llamagen_b": (12, 768, 12), "llamagen_l": (24, 1024, 16)}[name[:10]]
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == size
-    assert args.normalization == "RMSNorm" and args.swiglu and args.disable_bias_linear
+    assert args.normalization == "RMSNorm" and args.swiglu and not args.add_bias_linear
     assert args.position_embedding_type == "rope" and args.untie_embeddings_and_output_weights
     assert args.micro_batch_size == 32  # the paper's batch 32 per GPU
     assert args.lr == 1e-4
@@ -96,8 +121,8 @@ def test_llamagen_c2i_recipes(name, tmp_path):
     assert (args.arra_target_dim, args.arra_aggregation, args.arra_projector) == (512, "cls", "mlp")
 
 
-def test_t2i_1b_recipe(tmp_path):
-    args = parse_recipe("t2i_1b_laion_coco.yaml", tmp_path)
+def test_t2i_1b_recipe(parse, tmp_path):
+    args = parse_recipe(parse, "t2i_1b_laion_coco.yaml", tmp_path)
     h, layers = args.hidden_size, args.num_layers
     block_params = layers * (4 * h * h + 3 * h * args.ffn_hidden_size)
     assert 0.9e9 < block_params < 1.5e9
@@ -106,15 +131,17 @@ def test_t2i_1b_recipe(tmp_path):
     assert args.arra_target_dim == 512 and args.arra_align_layer == 1
 
 
-def test_chameleon_recipe_has_the_papers_settings(tmp_path):
-    args = parse_recipe("chameleon7b_mimic_cxr512.yaml", tmp_path)
+def test_chameleon_recipe_has_the_papers_settings(parse, tmp_path):
+    args = parse_recipe(parse, "chameleon7b_mimic_cxr512.yaml", tmp_path)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.ffn_hidden_size) == (32, 4096, 32, 11008)
     assert args.normalization == "RMSNorm" and args.qk_layernorm and args.swiglu
     assert args.vocab_size == 65536
     assert args.lr == pytest.approx(2e-5)
     assert args.weight_decay == pytest.approx(0.05)
     assert (args.adam_beta1, args.adam_beta2) == (0.9, 0.95)
-    assert args.z_loss_weight == pytest.approx(1e-5)
+    assert args.arra_z_loss_weight == pytest.approx(1e-5)
+    assert args.arra_condition_dropout_prob == pytest.approx(0.1)
+    assert args.qk_layernorm_per_head and transformer_config(args).qk_layernorm_per_head
     assert args.seq_length >= 1024 + NUM_FRAME_TOKENS
     assert args.arra_targets == "online" and "BiomedCLIP" in args.arra_encoder
     assert (args.arra_target_dim, args.arra_aggregation, args.arra_align_layer, args.arra_weight) == (512, "cls", 1, 1.0)
@@ -122,30 +149,39 @@ def test_chameleon_recipe_has_the_papers_settings(tmp_path):
     assert (args.tensor_model_parallel_size, args.data_parallel_size) == (4, 2)
 
 
-def test_chameleon_alternative_layout_tp2_pp2(tmp_path):
+def test_chameleon_alternative_layout_tp2_pp2(parse, tmp_path):
     """The TP2 x PP2 plan named in the recipe's header also validates; with virtual
-    stages it needs a micro-batch count divisible by PP, as the header says."""
+    stages the header's batch of 8 gives a micro-batch count divisible by PP."""
     layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-    args = parse_recipe("chameleon7b_mimic_cxr512.yaml", tmp_path, *layout)
-    assert args.data_parallel_size == 2 and args.num_microbatches == 3
-    args = parse_recipe("chameleon7b_mimic_cxr512.yaml", tmp_path, *layout,
+    args = parse_recipe(parse, "chameleon7b_mimic_cxr512.yaml", tmp_path, *layout)
+    assert args.data_parallel_size == 2 and num_microbatches(args) == 3
+    args = parse_recipe(parse, "chameleon7b_mimic_cxr512.yaml", tmp_path, *layout,
                         "--num-layers-per-virtual-pipeline-stage", "4", "--global-batch-size", "8")
     assert args.virtual_pipeline_model_parallel_size == 4
+    assert num_microbatches(args) % args.pipeline_model_parallel_size == 0
+    assert transformer_config(args).virtual_pipeline_model_parallel_size == 4
 
 
-def write_dataset_manifest(prefix, profile: TokenizerProfile, max_seq_length: int, target_dim: int) -> None:
+def write_dataset_manifest(prefix, profile: TokenizerProfile, max_seq_length: int, target_dim) -> None:
     """The files the argument checks read before any process group: PREFIX.bin/.idx and the
-    manifest PREFIX.json with the tokenizer profile the builder would store for this data."""
+    manifest PREFIX.json with the tokenizer profile the builder would store for this data
+    (``target_dim`` None: no precomputed targets, a dataset for online ones)."""
     for ext in (".bin", ".idx"):
         open(f"{prefix}{ext}", "wb").close()
-    manifest = {"tokenizer_profile": profile.to_dict(), "max_seq_length": max_seq_length,
-                "features": {"file": "features.npy", "dtype": "float16", "shape": [1, target_dim]}}
+    features = None if target_dim is None else {"file": "features.npy", "dtype": "float16", "shape": [1, target_dim]}
+    manifest = {"tokenizer_profile": profile.to_dict(), "max_seq_length": max_seq_length, "features": features}
     with open(f"{prefix}.json", "w") as f:
         json.dump(manifest, f)
 
 
 VQ16 = ModelIdentity(kind="JanusVQVAE", path="/models/llamagen_vq16", sha256="0" * 64)
 PREPROCESS = {"resize": 256, "crop": 256}
+# Chameleon's one vocabulary (as conversion/chameleon.py writes its profile): image ids 4..8195 inside 65536.
+CHAMELEON = TokenizerProfile(
+    vocab_size=65536, text_vocab_size=65536, class_token_offset=65536, num_classes=0, image_token_offset=4,
+    image_codebook_size=8192, special=SpecialTokens(bos=0, eos=2, pad=1, boi=8197, eoi=8196, null_condition=1),
+    image_size=512, tokens_per_image=1024, image_preprocessing={"resize": 512, "crop": 512},
+    vq_model=ModelIdentity(kind="ChameleonVQVAE", path="/checkpoints/chameleon-7b-mcore/vq_model", sha256="0" * 64))
 
 
 @pytest.mark.parametrize("name, profile, longest", [
@@ -165,14 +201,14 @@ PREPROCESS = {"resize": 256, "crop": 256}
                              image_preprocessing=PREPROCESS, vq_model=VQ16),
      385),
 ])
-def test_recipe_fits_its_dataset(name, profile, longest, tmp_path):
+def test_recipe_fits_its_dataset(parse, name, profile, longest, tmp_path):
     """With --data-path, the recipe's vocabulary, sequence length and target dimension
     pass the manifest checks for the dataset the recipe's header says to build."""
     prefix = str(tmp_path / "data")
     write_dataset_manifest(prefix, profile, longest, target_dim=512)
     world = RECIPES[name][0]
-    args = parse_args(["--config", recipe_path(name), "--data-path", prefix, "--save", str(tmp_path / "ckpt")],
-                      world_size=world)
+    args = parse(["--config", recipe_path(name), "--data-path", prefix, "--save", str(tmp_path / "ckpt")],
+                 world_size=world)
     assert args.data_path == [prefix] and not args.mock_data
     assert args.vocab_size >= profile.vocab_size
     assert args.seq_length + 1 >= longest

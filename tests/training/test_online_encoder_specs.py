@@ -13,14 +13,15 @@ from arra_megatron.encoders.preprocess import reference_preprocess
 from arra_megatron.testing.tiny_data import encode_image, make_image
 from arra_megatron.training.targets import OnlineTargets
 from tests.encoders.custom_encoders import MODULE, POOLED_DIM, user_module  # noqa: F401
-from tests.training.test_args import BASE, fails
+from tests.training.test_args import DATASET, write_dataset
 
 torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("spec", ["python:only_a_module", "timm:/weights/without/arch.safetensors", "dino:/x"])
-def test_malformed_spec_fails_in_parse_args(capsys, spec):
-    err = fails(capsys, BASE + ["--arra-targets", "online", "--arra-encoder", spec])
+def test_malformed_spec_fails_in_parse_args(rejected, tmp_path, spec):
+    write_dataset(tmp_path / "ds")
+    err = rejected(DATASET + ["--data-path", str(tmp_path / "ds"), "--arra-targets", "online", "--arra-encoder", spec])
     assert f"--arra-encoder: encoder spec {spec!r} must look like one of" in err
 
 

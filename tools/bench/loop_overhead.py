@@ -35,17 +35,10 @@ def model_flags(args) -> list:
             f"--num-workers 0 --arra-align-layer 2 --arra-target-dim {args.arra_target_dim}").split()
 
 
-def cpu_flags() -> list:
-    return ("--distributed-backend gloo --transformer-impl local --no-gradient-accumulation-fusion "
-            "--no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion --no-masked-softmax-fusion "
-            "--no-persist-layer-norm").split()
-
-
 def run_loop(args, arra: bool) -> list:
-    from arra_megatron.runtime.capabilities import has_gpu
-
+    # Without a GPU the loop runs in CPU mode, whose defaults are gloo, local layers and no fusions.
     cmd = [sys.executable, "-m", "arra_megatron.training.megatron_loop", *model_flags(args),
-           "--train-iters", str(args.iters), *([] if has_gpu() else cpu_flags()), "--arra" if arra else "--no-arra"]
+           "--train-iters", str(args.iters), "--arra" if arra else "--no-arra"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
