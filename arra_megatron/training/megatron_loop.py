@@ -238,11 +238,6 @@ def prepare_args(args: argparse.Namespace, layout: DataLayout) -> DataLayout:
     from arra_megatron.data.checks import check_data_flags
 
     online = args.arra and args.arra_targets == "online"
-    if args.mock_data and (args.data_path or args.train_data_path):
-        raise SystemExit("--mock-data and --data-path / --train-data-path are exclusive; give one")
-    if (args.valid_data_path or args.test_data_path) and not args.train_data_path:
-        raise SystemExit("--valid-data-path and --test-data-path go with --train-data-path (with --data-path, "
-                         "--split carves the held-out sets out of it)")
     if not 0.0 <= args.arra_condition_dropout_prob <= 1.0:
         raise SystemExit("--arra-condition-dropout-prob must be in [0, 1] (1 trains an unconditional model); got "
                          f"{args.arra_condition_dropout_prob}")
@@ -302,6 +297,42 @@ def check_checkpoint_dir(flag: str, root: Optional[str]) -> None:
             if os.path.basename(newer) > latest:
                 print(f"WARNING: {flag} {root}: ignoring incomplete checkpoint {newer} ({checkpoints.TRACKER_FILE} "
                       f"names {latest}: that save did not finish)", flush=True)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Mistakes that Megatron-LM's validation would catch with a bare or misleading assertion, or
+    only after the process groups exist: checked first, each message naming the flag."""
+    if args.mock_data and (args.data_path or args.train_data_path):
+        raise SystemExit("--mock-data and --data-path / --train-data-path are exclusive; give one")
+    if (args.valid_data_path or args.test_data_path) and not args.train_data_path:
+        raise SystemExit("--valid-data-path and --test-data-path go with --train-data-path (with --data-path, "
+                         "--split carves the held-out sets out of it)")
+    if args.lr is None:
+        raise SystemExit("--lr is required (the peak learning rate)")
+    if args.bf16 and args.fp16:
+        raise SystemExit("--bf16 and --fp16 are exclusive; choose one")
+    if args.min_lr > args.lr:
+        raise SystemExit(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    decay = args.lr_decay_iters or args.train_iters
+    if decay and args.lr_warmup_iters and args.lr_warmup_iters >= decay:
+        raise SystemExit(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {decay} "
+                         "(default: --train-iters)")
+    tp = args.tensor_model_parallel_size
+    if args.sequence_parallel and tp > 1 and args.seq_length and args.seq_length % tp:
+        raise SystemExit(f"--sequence-parallel splits --seq-length {args.seq_length} over "
+                         f"--tensor-model-parallel-size {tp}: it must divide evenly")
+    if args.num_attention_heads and args.num_attention_heads % tp:
+        raise SystemExit(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    if args.fp8:
+        from arra_megatron.runtime.capabilities import require_fp8_support
+
+        try:
+            require_fp8_support("--fp8-format", args.fp8_recipe)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
+        if args.transformer_impl == "local":
+            raise SystemExit("--fp8-format runs through Transformer Engine layers; drop --transformer-impl local")
 
 
 def online_encoder_dim(args: argparse.Namespace) -> int:
@@ -613,6 +644,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Da
         from megatron.training.checkpointing import load_args_from_checkpoint
 
         load_args_from_checkpoint(args)
+    check_flags(args)
     megatron_arguments.validate_args(args, defaults)
     return args, prepare_args(args, layout)
 

@@ -125,14 +125,34 @@ def test_virtual_pipeline_that_divides(parse):
     assert args.virtual_pipeline_model_parallel_size == 2
 
 
-def test_heads_that_do_not_divide_fail_in_the_model_config(parse):
-    """Megatron-LM's validation leaves these to the TransformerConfig, which the loop builds with
-    ``transformer_config(args)`` before the first chunk."""
-    from arra_megatron.training.megatron_loop import transformer_config
+def test_heads_that_do_not_divide(rejected):
+    """Megatron-LM's validation leaves this to the TransformerConfig, built after the process groups."""
+    err = rejected(BASE + ["--tensor-model-parallel-size", "8", "--global-batch-size", "2"], world_size=8)
+    assert "--num-attention-heads 4" in err and "--tensor-model-parallel-size 8" in err
 
-    args = parse(BASE + ["--tensor-model-parallel-size", "8", "--global-batch-size", "2"], world_size=8)
-    with pytest.raises(ValueError, match=r"num_attention_heads \(4\).*tensor_model_parallel_size \(8\)"):
-        transformer_config(args)
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lr-warmup-iters", "10"], "--lr-warmup-iters 10 must be below --lr-decay-iters 10"),
+    (["--lr-warmup-iters", "5", "--lr-decay-iters", "4"], "--lr-decay-iters 4"),
+    (["--min-lr", "1e-2"], "--min-lr 0.01 is above --lr 0.001"),
+    (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "30",
+      "--max-position-embeddings", "30", "--global-batch-size", "2"], "--seq-length 30"),
+])
+def test_schedule_and_sequence_rules_name_the_flag(rejected, extra, words):
+    world = 4 if "--tensor-model-parallel-size" in extra else 1
+    assert words in rejected(BASE + extra, world_size=world)
+
+
+def test_missing_learning_rate(rejected):
+    assert "--lr is required" in rejected(without(BASE, "--lr"))
+
+
+def test_fp8_without_a_gpu_or_transformer_engine(rejected):
+    from arra_megatron.runtime.capabilities import has_gpu, has_transformer_engine
+
+    if has_gpu() and has_transformer_engine():
+        pytest.skip("this machine can run FP8: nothing to refuse")
+    assert "--fp8-format needs" in rejected(BASE + ["--fp8-format", "hybrid"])
 
 
 def test_missing_model_settings(parse):
@@ -142,8 +162,8 @@ def test_missing_model_settings(parse):
                      r"max_position_embeddings \(32\) must be greater than or equal to seq_length \(33\)")
 
 
-def test_bf16_and_fp16_are_exclusive(parse):
-    megatron_rejects(parse, BASE + ["--bf16", "--fp16"], None)
+def test_bf16_and_fp16_are_exclusive(parse, rejected):
+    assert "--bf16 and --fp16 are exclusive" in rejected(BASE + ["--bf16", "--fp16"])
     assert parse(BASE + ["--bf16"]).params_dtype == torch.bfloat16
 
 
@@ -201,9 +221,9 @@ def test_missing_data_path(rejected, tmp_path):
     assert missing in err and "no dataset there" in err
 
 
-def test_data_path_and_mock_data_are_exclusive(parse, tmp_path):
+def test_data_path_and_mock_data_are_exclusive(rejected, tmp_path):
     write_dataset(tmp_path / "ds")
-    megatron_rejects(parse, BASE + ["--data-path", str(tmp_path / "ds")], "single data source")
+    assert "--mock-data and --data-path" in rejected(BASE + ["--data-path", str(tmp_path / "ds")])
 
 
 def test_dataset_fits_the_model(parse, rejected, tmp_path):
@@ -231,8 +251,8 @@ def test_online_targets_need_a_dataset_and_an_encoder(rejected, tmp_path):
 def test_held_out_paths_need_train_data_path(parse, rejected, tmp_path):
     write_dataset(tmp_path / "x")
     write_dataset(tmp_path / "v")
-    megatron_rejects(parse, DATASET + ["--data-path", str(tmp_path / "x"), "--valid-data-path", str(tmp_path / "v")],
-                     "single data source")
+    err = rejected(DATASET + ["--data-path", str(tmp_path / "x"), "--valid-data-path", str(tmp_path / "v")])
+    assert "--valid-data-path and --test-data-path go with --train-data-path" in err
     missing = str(tmp_path / "nowhere" / "val")
     err = rejected(DATASET + ["--train-data-path", str(tmp_path / "x"), "--valid-data-path", missing])
     assert missing in err and "no dataset there" in err
