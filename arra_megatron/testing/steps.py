@@ -52,11 +52,11 @@ class LoopModel:
     @property
     def tap(self):
         """The ARRA tap of the loop (None with ``--no-arra``)."""
-        return megatron_loop._Run.tap
+        return megatron_loop.arra_tap()
 
     @property
     def layout(self) -> megatron_loop.DataLayout:
-        return megatron_loop._Run.layout
+        return megatron_loop.data_layout_in_use()
 
     def microbatches(self, samples: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
         """This data-parallel rank's micro-batches of the global batch ``samples``."""
@@ -92,8 +92,7 @@ def release() -> None:
     from megatron.core.rerun_state_machine import destroy_rerun_state_machine
     from megatron.training import global_vars
 
-    for name in ("layout", "config", "tap", "step", "online_targets", "json_log"):
-        setattr(megatron_loop._Run, name, None)
+    megatron_loop.reset()
     global_vars.unset_global_variables()
     destroy_rerun_state_machine()
     parallel_state.destroy_model_parallel()
@@ -112,9 +111,7 @@ def loop_model(argv: List[str], layout: Optional[megatron_loop.DataLayout] = Non
     from arra_megatron.runtime import cpu_mode
 
     release()
-    args = megatron_loop.setup(argv)
-    if layout is not None:
-        megatron_loop._Run.layout = layout
+    args = megatron_loop.setup(argv, layout)
     initialize_megatron(allow_no_cuda=cpu_mode.is_enabled())
     chunks, optimizer, scheduler = setup_model_and_optimizer(ModelType.encoder_or_decoder,
                                                              megatron_loop.model_provider)
@@ -130,13 +127,7 @@ def loop_model(argv: List[str], layout: Optional[megatron_loop.DataLayout] = Non
             config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     if config.finalize_model_grads_func is None:
         config.finalize_model_grads_func = finalize_model_grads
-    # The forward step megatron_loop.forward_step builds on its first call, built now so that
-    # callers can hold it before a schedule ran (the same arguments as there).
-    run = megatron_loop._Run
-    run.step = ARRAForwardStep(megatron_loop.arra_config(args), run.layout.image_token_range, run.tap,
-                               z_loss_weight=args.arra_z_loss_weight, per_token_loss=args.calculate_per_token_loss,
-                               online_targets=run.online_targets)
-    return LoopModel(args, chunks, optimizer, scheduler, config, run.step)
+    return LoopModel(args, chunks, optimizer, scheduler, config, megatron_loop.arra_forward_step())
 
 
 # ----------------------------------------------------------------------------- a config as flags

@@ -468,7 +468,9 @@ datasets_provider.is_distributed = True  # every rank builds what its chunks rea
 
 
 # ----------------------------------------------------------------------------- forward step
-def forward_step(data_iterator, model):
+def arra_forward_step():
+    """The loop's forward step (``training/forward_step.py``), built once per process on first use;
+    callers that drive the schedule themselves may hold it before any step."""
     if _Run.step is None:
         from megatron.training import get_args
 
@@ -479,7 +481,26 @@ def forward_step(data_iterator, model):
                                     z_loss_weight=args.arra_z_loss_weight,
                                     per_token_loss=args.calculate_per_token_loss,
                                     online_targets=_Run.online_targets)
-    return _Run.step(data_iterator, model)
+    return _Run.step
+
+
+def forward_step(data_iterator, model):
+    return arra_forward_step()(data_iterator, model)
+
+
+def arra_tap():
+    """This process's ARRA tap (None with --no-arra or before the model is built)."""
+    return _Run.tap
+
+
+def data_layout_in_use() -> Optional[DataLayout]:
+    return _Run.layout
+
+
+def reset() -> None:
+    """Forget the loop's per-process state (a process that builds one run after another)."""
+    for name in ("layout", "config", "tap", "step", "online_targets", "json_log"):
+        setattr(_Run, name, None)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -649,10 +670,11 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Da
     return args, prepare_args(args, layout)
 
 
-def setup(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def setup(argv: Optional[List[str]] = None, layout: Optional[DataLayout] = None) -> argparse.Namespace:
     """Everything before ``pretrain``: CPU mode and its patches, a world of one without torchrun,
     the arguments checked and set as megatron.training's globals, the data layout kept for the
-    providers. Also used by tools that build the run's model outside ``pretrain``."""
+    providers (``layout`` overrides the one the data flags give). Also used by tools and tests
+    that build the run's model outside ``pretrain``."""
     from megatron.training.global_vars import set_global_variables
 
     from arra_megatron.runtime import cpu_mode, megatron_training
@@ -661,6 +683,8 @@ def setup(argv: Optional[List[str]] = None) -> argparse.Namespace:
     megatron_training.install()
     _single_process_env()
     args, _Run.layout = parse_args(argv)
+    if layout is not None:
+        _Run.layout = layout
     set_global_variables(args)
     return args
 
