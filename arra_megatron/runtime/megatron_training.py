@@ -7,6 +7,12 @@ Any machine:
 * ``initialize.py::_compile_dependencies`` runs ``make`` in ``megatron/core/datasets`` to build
   the dataset helpers; the wheel ships them compiled (``helpers_cpp``) but not the Makefile, so
   ``make`` fails and the job exits. Compile only when the compiled module does not import.
+* ``checkpointing.py::save_checkpoint``: the dist-checkpoint writer
+  (``dist_checkpointing/strategies/filesystem_async.py``) starts a multiprocessing manager
+  process for its results queue. If the rank is killed, that manager (and the resource tracker
+  beside it) outlives it, keeping the job's output open (``torchrun ... | tee log`` never ends)
+  and its memory. Before the first save the queue's manager is started here, on Linux, with a
+  parent-death signal.
 
 CPU mode only (``runtime/cpu_mode.py`` covers every other CUDA call the loop makes):
 
@@ -84,6 +90,38 @@ def _keeping_rng_state(original):
     return wrapper
 
 
+def _die_with_parent() -> None:
+    """Runs in the checkpoint writer's manager process: exit when the rank that started it dies."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _start_writer_queue() -> None:
+    import multiprocessing
+    import multiprocessing.managers
+    import sys
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if sys.platform != "linux" or filesystem_async._results_queue is not None:
+        return
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    _start_writer_queue.manager = manager  # kept alive with the rank
+
+
+def _writer_queue_first(original):
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        _start_writer_queue()
+        return original(*args, **kwargs)
+    return wrapper
+
+
 def install() -> None:
     """Patch megatron.training for this machine (idempotent). Call before ``pretrain``."""
     cpu_mode.check_megatron_version()
@@ -92,6 +130,7 @@ def install() -> None:
     import megatron.training.training as training
 
     _once(dataset_utils, "compile_helpers", _compile_helpers_when_missing)
+    _once(training, "save_checkpoint", _writer_queue_first)
     if not cpu_mode.is_enabled():
         return
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
