@@ -208,11 +208,13 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
                                              ("--test-data-path", args.test_data_path)) if path]
     if not named:
         raise SystemExit("give --data-path (or --train-data-path ...) or --mock-data")
-    prefixes = [prefix for flag, path in named for prefix in data_prefixes(path, flag)]
-    for prefix in prefixes:
-        if not os.path.isfile(prefix + ".json"):
-            raise SystemExit(f"{prefix}: no dataset there (no {prefix}.json; build it with "
-                             "tools/build_indexed_dataset.py)")
+    prefixes = []
+    for flag, path in named:
+        for prefix in data_prefixes(path, flag):
+            if not os.path.isfile(prefix + ".json"):
+                raise SystemExit(f"{flag} {prefix}: no dataset there (no {prefix}.json; build it with "
+                                 "tools/build_indexed_dataset.py)")
+            prefixes.append(prefix)
     profile, target_dim = read_layout(prefixes)
     # A larger --vocab-size reserves ids (a later dataset's); a smaller one fails in check_data_flags.
     vocab_size = max(profile.vocab_size, args.vocab_size or 0)

@@ -218,7 +218,7 @@ def test_mock_data_needs_a_vocabulary(rejected):
 def test_missing_data_path(rejected, tmp_path):
     missing = str(tmp_path / "nowhere" / "dataset")
     err = rejected(without(BASE, "--mock-data") + ["--data-path", missing])
-    assert missing in err and "no dataset there" in err
+    assert f"--data-path {missing}: no dataset there" in err
 
 
 def test_data_path_and_mock_data_are_exclusive(rejected, tmp_path):
@@ -255,7 +255,7 @@ def test_held_out_paths_need_train_data_path(parse, rejected, tmp_path):
     assert "--valid-data-path and --test-data-path go with --train-data-path" in err
     missing = str(tmp_path / "nowhere" / "val")
     err = rejected(DATASET + ["--train-data-path", str(tmp_path / "x"), "--valid-data-path", missing])
-    assert missing in err and "no dataset there" in err
+    assert f"--valid-data-path {missing}: no dataset there" in err
 
 
 def test_held_out_targets_from_another_encoder(parse, rejected, tmp_path):
