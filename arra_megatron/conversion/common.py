@@ -149,13 +149,13 @@ def parse_megatron_args(argv: Sequence[str], world_size: int) -> argparse.Namesp
     from arra_megatron.runtime import cpu_mode
     from arra_megatron.training import megatron_loop
 
-    cpu_mode.maybe_enable_cpu_mode()
     # Validation asserts CUDA_DEVICE_MAX_CONNECTIONS=1 at TP > 1; nothing runs on a GPU here.
     env = {"RANK": "0", "WORLD_SIZE": str(world_size),
            "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "1")}
     out, err = io.StringIO(), io.StringIO()
     try:
-        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                cpu_mode.as_if_enabled():  # CPU mode's flag defaults, without switching this process into it
             args, _ = megatron_loop.parse_args(list(argv))
     except SystemExit as error:  # argparse (its message on stderr) or the project's rules (the message)
         reason = error.code if isinstance(error.code, str) else (err.getvalue().strip().splitlines() or ["?"])[-1]

@@ -245,6 +245,29 @@ def enable_cpu_mode() -> None:
         _STATE.mode.__enter__()
 
 
+@contextlib.contextmanager
+def as_if_enabled():
+    """Within: what argument parsing reads of CPU mode (its flag defaults, the stand-in GPU
+    architecture Megatron's validation asks for) without switching this process into CPU mode,
+    whose device mode would change how later torch code in the process runs (e.g. it turns off
+    nn.MultiheadAttention's fast path). For tools that only parse a run's arguments."""
+    if _ENABLED or not cpu_mode_requested():
+        yield
+        return
+    cuda = torch.cuda
+    saved = (cuda.get_device_properties, cuda.get_device_capability)
+    global is_enabled
+    saved_is_enabled = is_enabled
+    cuda.get_device_properties = lambda device=None: _CPU_DEVICE_PROPERTIES
+    cuda.get_device_capability = lambda device=None: (_CPU_DEVICE_PROPERTIES.major, _CPU_DEVICE_PROPERTIES.minor)
+    is_enabled = lambda: True  # noqa: E731
+    try:
+        yield
+    finally:
+        cuda.get_device_properties, cuda.get_device_capability = saved
+        is_enabled = saved_is_enabled
+
+
 def maybe_enable_cpu_mode() -> bool:
     """Enable CPU mode when it is requested or no GPU is present; return whether it is on."""
     if cpu_mode_requested():
