@@ -200,12 +200,10 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
         from arra_megatron.data.mock import mock_image_token_range
 
         return DataLayout(args.vocab_size, mock_image_token_range(args.vocab_size))
-    from arra_megatron.data.checks import data_prefixes
+    from arra_megatron.data.checks import data_prefixes, named_data_paths
     from arra_megatron.data.dataset import read_layout
 
-    named = [(flag, path) for flag, path in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
-                                             ("--valid-data-path", args.valid_data_path),
-                                             ("--test-data-path", args.test_data_path)) if path]
+    named = named_data_paths(vars(args))
     if not named:
         raise SystemExit("give --data-path (or --train-data-path ...) or --mock-data")
     prefixes = []
