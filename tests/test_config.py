@@ -56,3 +56,50 @@ def test_rep_needs_an_image_span():
 
 def test_disabled_skips_alignment_checks():
     ARRAConfig(enabled=False, align_layer=99).validate_for_model(**MODEL, layout_has_images=False)
+
+
+def test_flags_come_from_the_fields():
+    """One flag per field: ``--arra-`` + the field's name (``enabled`` is ``--arra``)."""
+    import dataclasses
+
+    assert ARRAConfig.FLAGS["enabled"] == "--arra" and ARRAConfig.dest("enabled") == "arra"
+    assert ARRAConfig.FLAGS["target_dim"] == "--arra-target-dim" and ARRAConfig.dest("z_loss_weight") == "arra_z_loss_weight"
+    assert set(ARRAConfig.FLAGS) == {f.name for f in dataclasses.fields(ARRAConfig)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"condition_dropout_prob": 1.5}, "--arra-condition-dropout-prob must be in [0, 1]"),
+        ({"z_loss_weight": -1.0}, "--arra-z-loss-weight must be >= 0"),
+        ({"targets": "cached"}, "--arra-targets must be one of precomputed, online"),
+        ({"targets": "online"}, "--arra-targets online needs --arra-encoder"),
+    ],
+)
+def test_bad_values_of_the_other_arra_flags(kwargs, words):
+    with pytest.raises(ARRAConfigError) as err:
+        ARRAConfig(**kwargs)
+    assert words in str(err.value)
+
+
+def test_online_targets_against_the_run():
+    online = ARRAConfig(targets="online", encoder="timm:resnet18", target_dim=16)
+    with pytest.raises(ARRAConfigError, match="--arra-targets online .* --mock-data"):
+        online.validate_for_model(**MODEL, mock_data=True)
+    with pytest.raises(ARRAConfigError, match="--arra-encoder: encoder spec 'timm:resnet18' must look like"):
+        online.validate_for_model(**MODEL)
+
+
+def test_target_dim_defaults_to_what_records_it():
+    """D comes from the feature table / encoder / checkpoint; the flag and any two of them must agree."""
+    table = "the feature table of --data-path ds"
+    assert ARRAConfig().with_target_dim({table: 6}).target_dim == 6
+    assert ARRAConfig(target_dim=6).with_target_dim({table: 6, "--arra-encoder e": 6}).target_dim == 6
+    with pytest.raises(ARRAConfigError) as err:
+        ARRAConfig(target_dim=32).with_target_dim({table: 6})
+    assert "--arra-target-dim 32 does not match the feature table of --data-path ds, whose D is 6" in str(err.value)
+    with pytest.raises(ARRAConfigError) as err:
+        ARRAConfig().with_target_dim({"the checkpoint of --load ckpt": 16, table: 6})
+    assert "the checkpoint of --load ckpt has D 16 but the feature table of --data-path ds has D 6" in str(err.value)
+    with pytest.raises(ARRAConfigError, match="nothing records D.*: set --arra-target-dim"):
+        ARRAConfig().with_target_dim({})

@@ -43,6 +43,8 @@ logger = logging.getLogger("convert_checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from arra_megatron.conversion import FAMILIES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face directory -> Megatron-LM checkpoint")
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--load", required=True,
                      help="checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* / release directory")
     exp.add_argument("--hf-out", required=True, help="new output directory (must not exist)")
-    exp.add_argument("--model-type", choices=["llama", "chameleon"],
+    exp.add_argument("--model-type", choices=sorted(FAMILIES),
                      help="the family to write (default: the one the checkpoint records; a different one fails)")
     exp.add_argument("--vocab-size", type=int,
                      help="the unpadded vocabulary (default: the checkpoint's saved --vocab-size, or its datasets' "
@@ -87,8 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return convert_legacy(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint
     from arra_megatron.conversion.common import ConversionError
+    from arra_megatron.conversion.hf_export import export_checkpoint
+    from arra_megatron.conversion.hf_import import import_checkpoint
 
     try:
         if args.command == "import":

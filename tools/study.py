@@ -374,13 +374,14 @@ def shuffled_control(prefix: str, seed: int = 0) -> str:
 
     The permutation is one cycle over a random order (no sample keeps its own row). The token
     files are symlinks; only the feature table and the manifest are new."""
-    from arra_megatron.data.dataset import read_manifest
-    from arra_megatron.fileio import write_json_atomic
+    import dataclasses
+
+    from arra_megatron.data.manifest import DatasetFiles, DatasetManifest
 
     control = f"{prefix}-shuffled"
     if Path(f"{control}.json").is_file():
         return control
-    manifest = read_manifest(prefix)
+    manifest = DatasetManifest.read(prefix)
     features = np.load(f"{prefix}.features.npy")
     order = np.random.default_rng(seed).permutation(len(features))
     source = np.empty_like(order)
@@ -392,11 +393,11 @@ def shuffled_control(prefix: str, seed: int = 0) -> str:
         link = Path(f"{control}{ext}")
         if Path(f"{prefix}{ext}").exists() and not link.exists():
             link.symlink_to(Path(f"{prefix}{ext}").name)
-    manifest["files"] = {k: v.replace(Path(prefix).name, name, 1) for k, v in manifest.get("files", {}).items()}
-    manifest["features"]["file"] = f"{name}.features.npy"
-    manifest["control"] = {"kind": "shuffled targets", "source": Path(prefix).name, "seed": seed,
-                           "rule": "row of sample order[i] = row of order[i-1], order = permutation(seed)"}
-    write_json_atomic(f"{control}.json", manifest)
+    table = dataclasses.replace(manifest.features, file=f"{name}.features.npy")
+    files = dataclasses.replace(DatasetFiles.named(name), features=table.file)
+    dataclasses.replace(manifest, files=files, features=table, control={
+        "kind": "shuffled targets", "source": Path(prefix).name, "seed": seed,
+        "rule": "row of sample order[i] = row of order[i-1], order = permutation(seed)"}).write(control)
     return control
 
 
@@ -440,7 +441,9 @@ def train_run(spec: RunSpec, args, scale: Scale, out: Path, prefixes: Dict[str, 
     limited = spec.arm == "limited"
     train = prefixes["limited" if limited else "train"] + ("-shuffled" if spec.variant == "shuffled" else "")
     iters = scale.limited_iters if limited else scale.train_iters
-    val_images = json.loads(Path(prefixes["val"] + ".json").read_text())["num_samples"]
+    from arra_megatron.data.manifest import DatasetManifest
+
+    val_images = DatasetManifest.read(prefixes["val"]).num_samples
     eval_iters = max(1, val_images // args.global_batch_size)
     save_every = fid_iterations(scale, iters)[0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", 1, "--max-restarts", 0,
@@ -595,14 +598,14 @@ def write_floor_images(train: Path, dirs: Dict[str, Path], vq: Path, image_size:
 def feature_baselines(prefixes: Dict[str, str], splits: Dict[str, Path]) -> Dict[str, float]:
     """The gva cos that no image-specific knowledge needs: predicting the train set's mean f_GF,
     or its class's mean f_GF, for every validation image (cosine averaged over images)."""
-    from arra_megatron.data.dataset import read_manifest
+    from arra_megatron.data.manifest import DatasetManifest
 
     def load(prefix, folder):
         # The builder reads a class-folder tree in (class, file) order: row i is the i-th file.
-        manifest = read_manifest(prefix)
+        manifest = DatasetManifest.read(prefix)
         _, classes, _ = _read_folder(folder)
-        if manifest["counts"]["skipped"] or manifest["num_samples"] != len(classes):
-            raise ValueError(f"{prefix}: {manifest['counts']['skipped']} inputs skipped; cannot pair rows with classes")
+        if manifest.counts.skipped or manifest.num_samples != len(classes):
+            raise ValueError(f"{prefix}: {manifest.counts.skipped} inputs skipped; cannot pair rows with classes")
         return np.load(f"{prefix}.features.npy").astype(np.float64), classes
 
     train, train_cls = load(prefixes["train"], splits["train"])
@@ -780,9 +783,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         migrate_unkeyed(out)
         refs, floors = references(args, scale, out, splits, nets, vq)
         baselines = feature_baselines(prefixes, splits)
-        manifest = json.loads(Path(prefixes["train"] + ".json").read_text())
-        feature_dim = int(manifest["features"]["shape"][1])
-        num_classes = int(manifest["tokenizer_profile"]["num_classes"])
+        from arra_megatron.data.manifest import DatasetManifest
+
+        manifest = DatasetManifest.read(prefixes["train"])
+        feature_dim = manifest.feature_dim
+        num_classes = manifest.tokenizer_profile.num_classes
         config = model_config(args, out)
         specs = [RunSpec(arm, variant, seed) for arm in args.arms for seed in range(scale.seeds)
                  for variant in args.variants]

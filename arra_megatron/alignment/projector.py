@@ -85,10 +85,8 @@ class MLPProjector(MegatronModule):
 
 
 class PoolProjector(MegatronModule):
-    def __init__(self, config: TransformerConfig, hidden_size: int, target_dim: int):
-        super().__init__(config=config)
-        if target_dim > hidden_size:
-            raise ValueError(f"pool projector cannot grow {hidden_size} features to {target_dim}")
+    def __init__(self, config: TransformerConfig, target_dim: int):
+        super().__init__(config=config)  # D <= H: ARRAConfig.validate_for_model checks it
         self.target_dim = target_dim
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -107,7 +105,7 @@ def build_projector(arra: ARRAConfig, config: TransformerConfig, seed: int = 0,
     """
     global _warned_fp8_shapes
     if arra.projector != "mlp":
-        return PoolProjector(config, config.hidden_size, arra.target_dim)
+        return PoolProjector(config, arra.target_dim)
     multiple = fp8_feature_multiple(config)
     if te_linear and config.fp8 and (config.hidden_size % multiple or arra.target_dim % multiple):
         if not _warned_fp8_shapes:

@@ -1,5 +1,6 @@
-"""What every model family's Hugging Face mapping shares: the architecture record, TP
-slicing of full tensors, the names Megatron-Core uses on each side, and safe output dirs.
+"""What import, export and every model family share: the architecture record, the
+Hugging Face directory's safetensors and tokenizer files, TP slicing of full tensors, the
+names Megatron-Core uses on each side, and safe output directories.
 
 Full tensors are named as a TP1/PP1 GPTModel's ``state_dict()`` names them in CPU mode
 (``decoder.layers.{i}.input_layernorm.weight``) with ``i`` the 0-based *global* layer
@@ -23,10 +24,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-# Beside an imported checkpoint: what the Megatron checkpoint does not hold (the source, the flags
-# to train it with, a family's extras such as Chameleon's vocabulary map); the model itself is
-# described by the checkpoint's saved arguments.
-METADATA_FILE = "arra_conversion.json"
+# The tokenizer files and generation config of a transformers directory, which an import keeps
+# (training/checkpoints.py's HF_TOKENIZER_DIR) and export writes back.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class ConversionError(RuntimeError):
@@ -129,6 +131,65 @@ class GPTArchitecture:
             max_position_embeddings=arg("max_position_embeddings") or args.seq_length,
             model_type="chameleon" if per_head else "llama", qk_layernorm_per_head=per_head,
         )
+
+
+class SafetensorsDir:
+    """Lazy reader of a transformers checkpoint directory's safetensors (never pickles)."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            self.files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        elif os.path.isfile(single):
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+            hint = (f" (found {', '.join(sorted(pickles))}: pickled weights are not read; re-save the model "
+                    "with save_pretrained(safe_serialization=True))") if pickles else ""
+            raise ConversionError(f"--hf {path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+    def names(self) -> List[str]:
+        return sorted(self.files)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        # Opened per tensor: a handle kept open keeps every page read so far mapped (and counted
+        # in this process's memory) until the end of the conversion.
+        with safe_open(self._file(name), "pt") as f:
+            return f.get_tensor(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the meta device: its shape and dtype, from the file header only."""
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), "pt") as f:
+            info = f.get_slice(name)
+            dtype = _SAFETENSORS_DTYPES.get(info.get_dtype())
+            if dtype is None:
+                raise ConversionError(f"tensor {name} has dtype {info.get_dtype()}, not a floating point weight")
+            return torch.empty(info.get_shape(), dtype=dtype, device="meta")
+
+    def _file(self, name: str) -> str:
+        if name not in self.files:
+            raise ConversionError(f"tensor {name} is missing from the safetensors files")
+        return self.files[name]
+
+
+def copy_tokenizer_files(source: str, target: str) -> List[str]:
+    """Copy the transformers tokenizer files found in ``source`` into ``target``; their names."""
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+    if found:
+        os.makedirs(target, exist_ok=True)
+    for name in found:
+        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    return found
 
 
 def layout_flags(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, dtype: str,

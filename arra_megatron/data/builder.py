@@ -12,11 +12,10 @@ Output (ARCHITECTURE.md, "Datasets on disk"):
   image bytes through the code training uses online (``make_image_preprocessor`` ->
   ``TargetEncoder.encode``); a sample whose image that pipeline cannot decode keeps its
   tokens and gets a NaN row: no alignment target (its L_GVA term is masked).
-- ``PREFIX.json``: the manifest, written last; its presence marks a finished dataset.
-  ``"features"``: ``{"file": "NAME.features.npy", "dtype": "float16", "shape": [N, D],
-  "dim": D, "encoder": TargetEncoder.identity, "aggregation": "cls|avgpool|concat",
-  "preprocessing": PreprocessSpec.to_dict(), "samples_without_target": K}``; null
-  without an encoder (``tools/precompute_features.py`` adds one to a finished dataset).
+- ``PREFIX.json``: the manifest (``manifest.DatasetManifest``), written last; its presence
+  marks a finished dataset. Its ``features`` (``FeatureTable``: file, shape [N, D], encoder
+  identity, aggregation, preprocessing, samples without target) is None without an
+  encoder (``tools/precompute_features.py`` adds one to a finished dataset).
 
 Work is split into parts (contiguous ranges of input units: shards, rows, files)
 built independently into ``PREFIX.parts/part-NNNNN.*`` and merged in order with
@@ -55,6 +54,7 @@ from tqdm import tqdm
 from arra_megatron.data.build_ranks import BuildRank, Claims, unclaimed
 from arra_megatron.data.dali_pipeline import make_image_preprocessor
 from arra_megatron.data.image_refs import IMAGE_REF_DTYPE, ImageRefTable, read_image_bytes
+from arra_megatron.data.manifest import BuildCounts, DatasetFiles, DatasetManifest, FeatureTable, manifest_path
 from arra_megatron.data.readers import SKIP_REASONS, InputSource, decode_sample, open_source
 from arra_megatron.encoders import TargetEncoder, load_encoder
 from arra_megatron.fileio import check_json_plan, write_json_atomic
@@ -67,7 +67,6 @@ from arra_megatron.tokenization.text import TextTokenizer
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
-MANIFEST_FORMAT = "arra-indexed-dataset"
 FEATURE_DTYPE = np.dtype(np.float16)
 UNITS_PER_PART = 1000  # default part size for row / file inputs (tar inputs: one shard per part)
 
@@ -128,7 +127,7 @@ class OutputPaths:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = str(prefix)
-        self.bin, self.idx, self.manifest = f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.json"
+        self.bin, self.idx, self.manifest = f"{prefix}.bin", f"{prefix}.idx", manifest_path(prefix)
         self.images, self.image_sources = f"{prefix}.images.npy", f"{prefix}.images.sources.json"
         self.features = f"{prefix}.features.npy"
         self.parts_dir = Path(f"{prefix}.parts")
@@ -195,11 +194,11 @@ class TargetFeaturizer:
                 logger.warning("%d f_GF rows overflow float16 (|x| > 65504) and hold inf", overflow)
         return out
 
-    def manifest_entry(self, file_name: str, num_rows: int, num_missing: int) -> Dict[str, Any]:
-        """The manifest's ``"features"`` field for a table of ``num_rows`` rows."""
-        return {"file": file_name, "dtype": FEATURE_DTYPE.name, "shape": [num_rows, self.dim], "dim": self.dim,
-                "encoder": self.encoder.identity, "aggregation": self.encoder.aggregation,
-                "preprocessing": self.encoder.spec.to_dict(), "samples_without_target": num_missing}
+    def feature_table(self, file_name: str, num_rows: int, num_missing: int) -> FeatureTable:
+        """The manifest's record of a table of ``num_rows`` rows made by this featurizer."""
+        return FeatureTable(file=file_name, num_rows=num_rows, dim=self.dim, encoder=self.encoder.identity,
+                            aggregation=self.encoder.aggregation, preprocessing=self.encoder.spec.to_dict(),
+                            samples_without_target=num_missing, dtype=FEATURE_DTYPE.name)
 
 
 @dataclass
@@ -427,17 +426,17 @@ def _merge(parts: Sequence[PartSpec], markers: Sequence[Dict[str, Any]], paths: 
         del table
 
 
-def format_summary(manifest: Dict[str, Any], paths: OutputPaths, seconds: float) -> str:
+def format_summary(manifest: DatasetManifest, paths: OutputPaths, seconds: float) -> str:
     """A plain table for the end of a build: counts, skips by reason, output sizes, throughput."""
-    counts = manifest["counts"]
-    rows = [("samples written", counts["samples"]), ("text truncated", counts["text_truncated"]),
-            ("skipped (total)", counts["skipped"])]
-    if manifest.get("features"):
-        rows.append(("without ARRA target (NaN row)", manifest["features"]["samples_without_target"]))
-    rows += [(f"  {reason}", count) for reason, count in manifest["skipped"].items()]
+    counts = manifest.counts
+    rows = [("samples written", counts.samples), ("text truncated", counts.text_truncated),
+            ("skipped (total)", counts.skipped)]
+    if manifest.features is not None:
+        rows.append(("without ARRA target (NaN row)", manifest.features.samples_without_target))
+    rows += [(f"  {reason}", count) for reason, count in manifest.skipped.items()]
     rows += [(os.path.basename(p), f"{os.path.getsize(p) / 2**20:.2f} MiB") for p in paths.outputs()
              if os.path.exists(p)]
-    rows.append(("throughput", f"{counts['samples'] / max(seconds, 1e-9):.1f} samples/s over {seconds:.1f} s"))
+    rows.append(("throughput", f"{counts.samples / max(seconds, 1e-9):.1f} samples/s over {seconds:.1f} s"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -479,8 +478,9 @@ def _given_profile(path: str, image, text, source) -> TokenizerProfile:
     return profile
 
 
-def build_dataset(config: BuildConfig) -> Dict[str, Any]:
-    """Build (or resume) the dataset at ``config.output_prefix``; returns the manifest.
+def build_dataset(config: BuildConfig) -> Optional[DatasetManifest]:
+    """Build (or resume) the dataset at ``config.output_prefix``; returns the manifest (None when another
+    process of the same build finishes it).
 
     Raises FileExistsError for a finished prefix without --overwrite, ValueError for
     settings that cannot work (naming the flag), StrictModeError under --strict when
@@ -517,9 +517,9 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
                          f"others' parts; delete {paths.prefix}.* and {paths.parts_dir} first, or run the "
                          "--overwrite build as one process")
     if rank.world > 1 and os.path.exists(paths.manifest):
-        finished = json.loads(Path(paths.manifest).read_text())
-        if (finished.get("input"), finished.get("tokenizer_profile"), finished.get("max_seq_length")) == \
-                (json.loads(json.dumps(description)), profile.to_dict(), config.max_seq_length):
+        finished = DatasetManifest.read(paths.prefix)
+        if [finished.input, finished.tokenizer_profile.to_dict(), finished.max_seq_length] == \
+                json.loads(json.dumps([description, profile.to_dict(), config.max_seq_length])):
             logger.info("%s: already finished by another process of this build", paths.prefix)
             return finished
     _prepare_output(paths, config.overwrite)
@@ -539,14 +539,14 @@ def build_dataset(config: BuildConfig) -> Dict[str, Any]:
                             "rerun this command once its claim is taken over.", paths.prefix, claims.describe("merge"))
                 return None
             if os.path.exists(paths.manifest):  # merged by another process meanwhile
-                return json.loads(Path(paths.manifest).read_text())
+                return DatasetManifest.read(paths.prefix)
             manifest = _finish(parts, config, paths, dtype, features, description, profile)
             _remove_tree(paths.parts_dir)  # still holding the merge claim
     except FileNotFoundError:
         if not os.path.exists(paths.manifest):
             raise
         logger.info("%s: finished by another process of this build", paths.prefix)
-        return json.loads(Path(paths.manifest).read_text())
+        return DatasetManifest.read(paths.prefix)
     logger.info("built %s\n%s", paths.prefix, format_summary(manifest, paths, time.monotonic() - started))
     return manifest
 
@@ -610,7 +610,7 @@ def _build_claimed_parts(parts: List[PartSpec], config: BuildConfig, paths: Outp
 
 
 def _finish(parts: List[PartSpec], config: BuildConfig, paths: OutputPaths, dtype, features,
-            description: Dict[str, Any], profile: TokenizerProfile) -> Dict[str, Any]:
+            description: Dict[str, Any], profile: TokenizerProfile) -> DatasetManifest:
     """Merge the finished parts and write the manifest (the dataset is then finished)."""
     markers = [json.loads(Path(f"{paths.part(p.index)}.json").read_text()) for p in parts]
     skipped: Counter = Counter()
@@ -622,32 +622,23 @@ def _finish(parts: List[PartSpec], config: BuildConfig, paths: OutputPaths, dtyp
     _merge(parts, markers, paths, dtype, None if features is None else features.dim)
     num_samples = sum(m["num_samples"] for m in markers)
     name = os.path.basename(paths.prefix)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "builder_version": BUILDER_VERSION,
-        "num_samples": num_samples,
-        "token_dtype": np.dtype(dtype).name,
-        "max_seq_length": config.max_seq_length,
-        "tokenizer_profile": profile.to_dict(),
-        "input": description,
-        "counts": {"samples": num_samples, "skipped": sum(skipped.values()),
-                   "text_truncated": sum(m["text_truncated"] for m in markers), "parts": len(parts)},
-        "skipped": skipped,
-        "skip_reasons": {reason: SKIP_REASONS[reason] for reason in skipped},
-        "files": {"tokens": f"{name}.bin", "index": f"{name}.idx", "images": f"{name}.images.npy",
-                  "image_sources": f"{name}.images.sources.json"},
-        "features": None,
-    }
+    manifest = DatasetManifest(
+        num_samples=num_samples, token_dtype=np.dtype(dtype).name, max_seq_length=config.max_seq_length,
+        tokenizer_profile=profile, files=DatasetFiles.named(name),
+        counts=BuildCounts(samples=num_samples, skipped=sum(skipped.values()),
+                           text_truncated=sum(m["text_truncated"] for m in markers), parts=len(parts)),
+        builder_version=BUILDER_VERSION, input=description, skipped=skipped,
+        skip_reasons={reason: SKIP_REASONS[reason] for reason in skipped})
     if features is not None:
-        manifest["files"]["features"] = f"{name}.features.npy"
-        manifest["features"] = features.manifest_entry(f"{name}.features.npy", num_samples,
-                                                       sum(m["samples_without_target"] for m in markers))
-    write_json_atomic(paths.manifest, manifest)  # last: marks the dataset finished
+        manifest = manifest.with_features(features.feature_table(
+            f"{name}.features.npy", num_samples, sum(m["samples_without_target"] for m in markers)))
+    manifest.write(paths.prefix)  # last: marks the dataset finished
     return manifest
 
 
 def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size: int = 64, device: str = "cpu",
-                 num_threads: int = 1, overwrite: bool = False, batches_per_checkpoint: int = 16) -> Optional[Dict[str, Any]]:
+                 num_threads: int = 1, overwrite: bool = False,
+                 batches_per_checkpoint: int = 16) -> Optional[DatasetManifest]:
     """Write (or with ``overwrite`` replace) ``PREFIX.features.npy`` of a finished dataset; returns the
     manifest (None when another process of the same run does the final write).
 
@@ -663,13 +654,13 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     if not os.path.isfile(paths.manifest):
         raise FileNotFoundError(f"{paths.manifest} not found: --data-prefix {prefix} is not a finished dataset "
                                 "(build it with tools/build_indexed_dataset.py)")
-    manifest = json.loads(Path(paths.manifest).read_text())
+    manifest = DatasetManifest.read(prefix)
     rank = BuildRank.from_env()
     if rank.world > 1 and overwrite:
         raise ValueError(f"--overwrite with {rank.world} processes ({rank.launcher}): a process starting after "
                          "the table is written would compute it again; run the --overwrite once as one process")
     table = ImageRefTable.load(prefix)
-    num_rows = int(manifest["num_samples"])
+    num_rows = manifest.num_samples
     if len(table) != num_rows:
         raise ValueError(f"{paths.images} has {len(table)} rows but {paths.manifest} says {num_rows} samples")
     if rank.world > 1:  # one process per GPU
@@ -678,15 +669,15 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
     settings = json.loads(json.dumps({"encoder": featurizer.encoder.identity, "batch_size": featurizer.batch_size,
                                       "num_rows": num_rows}))  # as read back from JSON
     parts_dir = Path(f"{paths.features}.parts")
-    manifest = json.loads(Path(paths.manifest).read_text())  # again: loading the encoder took a while
-    old = manifest.get("features")
-    if old and rank.world > 1 and not parts_dir.exists() and old.get("encoder") == settings["encoder"] \
-            and old.get("aggregation") == aggregation:
+    manifest = DatasetManifest.read(prefix)  # again: loading the encoder took a while
+    old = manifest.features
+    if old and rank.world > 1 and not parts_dir.exists() and old.encoder == settings["encoder"] \
+            and old.aggregation == aggregation:
         logger.info("%s: features already written by another process of this run", paths.features)
         return manifest
     if old and not overwrite:
-        raise FileExistsError(f"{paths.manifest} already has features ({old['encoder']['name']}, "
-                              f"{old['aggregation']}); pass --overwrite to replace them")
+        raise FileExistsError(f"{paths.manifest} already has features ({old.encoder.get('name')}, "
+                              f"{old.aggregation}); pass --overwrite to replace them")
     chunk = _prepare_chunks(paths, parts_dir, settings, featurizer.batch_size * batches_per_checkpoint, rank)
     ranges = {f"chunk-{i:05d}": (begin, min(begin + chunk, num_rows))
               for i, begin in enumerate(range(0, num_rows, chunk))}
@@ -720,14 +711,15 @@ def add_features(prefix: str, encoder: str, aggregation: str = "cls", batch_size
                 logger.info("%s: every chunk is computed; another process is writing the table (%s)", parts_dir,
                             claims.describe("merge"))
                 return None
-            if json.loads(Path(paths.manifest).read_text()).get("features") != manifest.get("features"):
-                return json.loads(Path(paths.manifest).read_text())  # written by another process meanwhile
+            current = DatasetManifest.read(prefix)
+            if current.features != manifest.features:
+                return current  # written by another process meanwhile
             return _write_feature_table(paths, manifest, featurizer, parts_dir, names)
     except FileNotFoundError:
-        if parts_dir.exists() or not json.loads(Path(paths.manifest).read_text()).get("features"):
+        if parts_dir.exists() or DatasetManifest.read(prefix).features is None:
             raise
         logger.info("%s: written by another process of this run", paths.features)
-        return json.loads(Path(paths.manifest).read_text())
+        return DatasetManifest.read(prefix)
 
 
 def _prepare_chunks(paths: OutputPaths, parts_dir: Path, settings: dict, chunk: int, rank: BuildRank) -> int:
@@ -779,10 +771,10 @@ def _adopt_old_progress(paths: OutputPaths, settings: dict, parts_dir: Path, chu
     progress_file.unlink()
 
 
-def _write_feature_table(paths: OutputPaths, manifest: Dict[str, Any], featurizer: TargetFeaturizer,
-                         parts_dir: Path, names: List[str]) -> Dict[str, Any]:
+def _write_feature_table(paths: OutputPaths, manifest: DatasetManifest, featurizer: TargetFeaturizer,
+                         parts_dir: Path, names: List[str]) -> DatasetManifest:
     """Concatenate the chunks into ``PREFIX.features.npy`` and record it in the manifest."""
-    num_rows = int(manifest["num_samples"])
+    num_rows = manifest.num_samples
     partial = f"{paths.features}.partial"
     table = np.lib.format.open_memmap(partial, mode="w+", dtype=FEATURE_DTYPE, shape=(num_rows, featurizer.dim))
     missing = 0
@@ -794,13 +786,11 @@ def _write_feature_table(paths: OutputPaths, manifest: Dict[str, Any], featurize
     table.flush()
     del table
     name = os.path.basename(paths.prefix)
-    if manifest.get("features"):  # never a manifest naming a table that is being replaced
-        manifest["features"] = None
-        write_json_atomic(paths.manifest, manifest)
+    if manifest.features is not None:  # never a manifest naming a table that is being replaced
+        manifest.with_features(None).write(paths.prefix)
     os.replace(partial, paths.features)
-    manifest["features"] = featurizer.manifest_entry(f"{name}.features.npy", num_rows, missing)
-    manifest["files"]["features"] = f"{name}.features.npy"
-    write_json_atomic(paths.manifest, manifest)
+    manifest = manifest.with_features(featurizer.feature_table(f"{name}.features.npy", num_rows, missing))
+    manifest.write(paths.prefix)
     _remove_tree(parts_dir)
     logger.info("wrote %s: %d x %d float16, %d samples without an ARRA target (NaN rows)", paths.features,
                 num_rows, featurizer.dim, missing)

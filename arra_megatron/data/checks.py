@@ -30,15 +30,20 @@ def training_data_path(args: dict) -> Optional[List[str]]:
     return args.get("data_path") or args.get("train_data_path")
 
 
-def data_prefixes(data_path: List[str], flag: str = "--data-path") -> List[str]:
-    """The dataset prefixes of a data-path flag (with or without blend weights)."""
+def data_blend(data_path: List[str], flag: str = "--data-path") -> Tuple[List[str], Optional[List[float]]]:
+    """(dataset prefixes, blend weights or None) of a data-path flag, as Megatron-Core parses it."""
     from megatron.core.datasets.utils import get_blend_from_list
 
     try:
-        prefixes, _ = get_blend_from_list(list(data_path))
+        prefixes, weights = get_blend_from_list(list(data_path))
     except (ValueError, AssertionError):
         raise DataFlagError(f"{flag} with several datasets takes pairs: 'W1 PREFIX1 W2 PREFIX2 ...'") from None
-    return list(prefixes)
+    return list(prefixes), weights
+
+
+def data_prefixes(data_path: List[str], flag: str = "--data-path") -> List[str]:
+    """The dataset prefixes of a data-path flag (with or without blend weights)."""
+    return data_blend(data_path, flag)[0]
 
 
 def check_data_flags(args, encoder_dim_check) -> None:
@@ -48,7 +53,7 @@ def check_data_flags(args, encoder_dim_check) -> None:
     ``encoder_dim_check(dim, has_images)`` validates the ARRA settings against a dataset."""
     import os
 
-    from arra_megatron.data.dataset import read_manifest
+    from arra_megatron.data.manifest import DatasetManifest
 
     named = named_data_paths(vars(args))
     precomputed = args.arra and getattr(args, "arra_targets", "precomputed") == "precomputed"
@@ -59,21 +64,20 @@ def check_data_flags(args, encoder_dim_check) -> None:
                 raise DataFlagError(f"{flag} {prefix}: no dataset there (missing "
                                     f"{', '.join(prefix + e for e in missing)}; build it with "
                                     "tools/build_indexed_dataset.py)")
-            manifest = read_manifest(prefix)
-            profile = manifest["tokenizer_profile"]
-            if args.vocab_size is not None and profile["vocab_size"] > args.vocab_size:
+            manifest = DatasetManifest.read(prefix)
+            profile = manifest.tokenizer_profile
+            if args.vocab_size is not None and profile.vocab_size > args.vocab_size:
                 raise DataFlagError(f"--vocab-size {args.vocab_size} is smaller than the vocabulary of {flag} "
-                                    f"{prefix} ({profile['vocab_size']}); raise it or drop --vocab-size")
-            longest = manifest.get("max_seq_length")
-            if longest is not None and longest > args.seq_length + 1:
+                                    f"{prefix} ({profile.vocab_size}); raise it or drop --vocab-size")
+            longest = manifest.max_seq_length
+            if longest > args.seq_length + 1:
                 raise DataFlagError(f"{flag} {prefix} holds documents of up to {longest} tokens; --seq-length "
                                     f"{args.seq_length} would cut them (use --seq-length {longest - 1})")
             if precomputed:
-                features = manifest.get("features")
-                if not features:
+                if manifest.features is None:
                     raise DataFlagError(f"{flag} {prefix} has no precomputed ARRA targets: add them with "
                                         "tools/precompute_features.py, use --arra-targets online, or --no-arra")
-                encoder_dim_check(int(features["shape"][1]), profile["tokens_per_image"] > 0)
+                encoder_dim_check(manifest.features.dim, profile.tokens_per_image > 0)
     if precomputed:
         check_one_encoder(named)
 
@@ -81,12 +85,12 @@ def check_data_flags(args, encoder_dim_check) -> None:
 def check_one_encoder(named_paths: List[Tuple[str, List[str]]]) -> None:
     """Precomputed targets of every training and held-out dataset come from one encoder (its identity:
     weights hash, aggregation, preprocessing), or the losses would mix incomparable target spaces."""
-    from arra_megatron.data.dataset import read_manifest
+    from arra_megatron.data.manifest import DatasetManifest
 
     seen: Optional[Tuple[str, dict]] = None
     for flag, data_path in named_paths:
         for prefix in data_prefixes(data_path, flag):
-            identity = read_manifest(prefix)["features"].get("encoder")
+            identity = DatasetManifest.read(prefix).features.encoder
             if seen is None:
                 seen = (f"{flag} {prefix}", identity)
             elif identity != seen[1]:

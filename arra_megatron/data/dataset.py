@@ -12,7 +12,6 @@ probability ``condition_dropout_prob``, decided per (seed, split, sample positio
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -25,31 +24,23 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
+from arra_megatron.data.checks import data_blend
 from arra_megatron.data.image_refs import ImageRefTable, read_image_bytes
+from arra_megatron.data.manifest import DatasetManifest
 from arra_megatron.data.samples import sample_from_document
 from arra_megatron.tokenization.profile import TokenizerProfile
-
-
-def read_manifest(prefix: str) -> dict:
-    path = f"{prefix}.json"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no manifest; {prefix} is not a finished dataset "
-                                "(build it with tools/build_indexed_dataset.py)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def read_layout(prefixes: List[str]) -> Tuple[TokenizerProfile, Optional[int]]:
     """The tokenizer profile the datasets at ``prefixes`` share, and the width D of their
     precomputed targets (None when they have none)."""
-    manifests = [read_manifest(prefix) for prefix in prefixes]
-    profiles = [TokenizerProfile.from_dict(m["tokenizer_profile"]) for m in manifests]
-    for prefix, profile in zip(prefixes[1:], profiles[1:]):
-        if profile != profiles[0]:
+    manifests = [DatasetManifest.read(prefix) for prefix in prefixes]
+    for prefix, manifest in zip(prefixes[1:], manifests[1:]):
+        if manifest.tokenizer_profile != manifests[0].tokenizer_profile:
             raise ValueError(f"--data-path: {prefix} has a different tokenizer profile than {prefixes[0]}; "
                              "blended datasets and held-out sets must share one vocabulary layout")
-    dims = {int(m["features"]["shape"][1]) for m in manifests if m.get("features")}
-    return profiles[0], (dims.pop() if len(dims) == 1 else None)
+    dims = {m.feature_dim for m in manifests if m.feature_dim is not None}
+    return manifests[0].tokenizer_profile, (dims.pop() if len(dims) == 1 else None)
 
 
 class ARRALowLevelDataset:
@@ -57,17 +48,17 @@ class ARRALowLevelDataset:
 
     def __init__(self, prefix: str, with_features: bool, with_images: bool = False):
         self.prefix = prefix
-        self.manifest = read_manifest(prefix)
-        self.profile = TokenizerProfile.from_dict(self.manifest["tokenizer_profile"])
+        self.manifest = DatasetManifest.read(prefix)
+        self.profile = self.manifest.tokenizer_profile
         self.documents = IndexedDataset(prefix, mmap=True)
         self.features = None
         if with_features:
-            info = self.manifest.get("features")
-            if not info:
+            table = self.manifest.features
+            if table is None:
                 raise FileNotFoundError(
                     f"{prefix} has no precomputed ARRA targets: add them with tools/precompute_features.py, "
                     "or use --arra-targets online --arra-encoder SPEC")
-            self.features = np.load(os.path.join(os.path.dirname(prefix), info["file"]), mmap_mode="r")
+            self.features = np.load(os.path.join(os.path.dirname(prefix), table.file), mmap_mode="r")
             if len(self.features) != len(self.documents):
                 raise ValueError(f"{prefix}: {len(self.features)} feature rows for {len(self.documents)} samples")
         self.images = ImageRefTable.load(prefix) if with_images else None
@@ -157,13 +148,6 @@ def drop_condition(document: np.ndarray, profile: TokenizerProfile) -> np.ndarra
     return np.concatenate([[profile.special.bos, profile.special.null_condition], document[boi[0]:]])
 
 
-def blend_from_data_path(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
-    """Megatron-LM's ``--data-path`` convention: ``P`` or ``W1 P1 W2 P2 ...``."""
-    if len(data_path) == 1:
-        return [data_path[0]], None
-    return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
-
-
 def build_arra_datasets(data_path: Optional[List[str]], split: str, seq_length: int, seed: int,
                         sizes: List[Optional[int]], condition_dropout_prob: float = 0.0,
                         loss_on_text: bool = False, with_features: bool = False, with_images: bool = False,
@@ -173,9 +157,10 @@ def build_arra_datasets(data_path: Optional[List[str]], split: str, seq_length: 
     for a split that has none)."""
     if per_split is not None:
         blends = {"blend": None, "split": None,
-                  "blend_per_split": [blend_from_data_path(p) if p else None for p in per_split]}
+                  "blend_per_split": [data_blend(p, flag) if p else None for p, flag in
+                                      zip(per_split, ("--train-data-path", "--valid-data-path", "--test-data-path"))]}
     else:
-        blends = {"blend": blend_from_data_path(data_path), "split": split}
+        blends = {"blend": data_blend(data_path), "split": split}
     used = [blend for blend in (blends.get("blend_per_split") or [blends["blend"]]) if blend]
     prefixes = [prefix for blend_prefixes, _ in used for prefix in blend_prefixes]
     profile, _ = read_layout(prefixes)

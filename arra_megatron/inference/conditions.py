@@ -38,10 +38,10 @@ def read_prompts(path: str) -> List[str]:
 
 def dataset_profile(prefix: str) -> Tuple[TokenizerProfile, int]:
     """(tokenizer profile, max sequence length) recorded in dataset ``prefix``'s manifest."""
-    from arra_megatron.data.dataset import read_manifest
+    from arra_megatron.data.manifest import DatasetManifest
 
-    manifest = read_manifest(prefix)
-    return TokenizerProfile.from_dict(manifest["tokenizer_profile"]), int(manifest["max_seq_length"])
+    manifest = DatasetManifest.read(prefix)
+    return manifest.tokenizer_profile, manifest.max_seq_length
 
 
 def condition_tokens(conditions: Sequence[Condition], profile: TokenizerProfile,

@@ -3,6 +3,17 @@
 Every optional accelerator path in the project asks here, so a missing
 library produces one clear message instead of an ImportError deep inside a
 training step.
+
+Two environment variables, two questions:
+
+* ``ARRA_FORCE_CPU=1`` answers "is there a GPU?" with no (``has_gpu``): every check
+  here (Transformer Engine, apex, DALI GPU decoding, FP8), ``--device auto`` and the
+  GPU-only tests then see a CPU-only machine. With ``ARRA_CPU_MODE`` unset, CPU mode
+  follows (it turns on where there is no GPU).
+* ``ARRA_CPU_MODE=1|0`` (``runtime/cpu_mode.py``) answers "does Megatron run in CPU
+  mode?" (gloo, local layers, CUDA devices rewritten to the CPU in that process) and nothing
+  else: ``has_gpu()`` still says yes on a GPU machine. Unset, CPU mode is on exactly when
+  ``has_gpu()`` is False.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ TESTED_MEGATRON_MINORS = ("0.19",)
 
 @functools.cache
 def has_gpu() -> bool:
-    """A usable CUDA device (not merely a CUDA build of torch)."""
+    """A usable CUDA device (not merely a CUDA build of torch); False under ``ARRA_FORCE_CPU=1``."""
     if os.environ.get("ARRA_FORCE_CPU", "0") == "1":
         return False
     try:

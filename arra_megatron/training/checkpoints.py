@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 TRACKER_FILE = "latest_checkpointed_iteration.txt"   # megatron.training.checkpointing's name
 LEGACY_MARKER = "arra_complete.json"                 # this project's own layout before Megatron-LM's loop
 CHECKPOINT_VERSION = 3.0                            # megatron.training's generate_state_dict
+# Beside a checkpoint imported from Hugging Face (ROOT/, next to the tracker file): the import record
+# (source, trainer flags, a family's extras) and the source model's tokenizer files.
+IMPORT_RECORD_FILE = "arra_conversion.json"
+HF_TOKENIZER_DIR = "hf_tokenizer"
 
 
 class CheckpointError(RuntimeError):

@@ -76,8 +76,7 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
 
     from arra_megatron.runtime.launch import free_port
-    from arra_megatron.testing.tiny_data import make_janus_vq
-    from arra_megatron.testing.tiny_encoders import CLIP_EMBED_DIM, make_tiny_clip
+    from arra_megatron.tiny import make_janus_vq, make_tiny_clip
 
     count = write_digits(out / "digits")
     print(f"wrote {count} scikit-learn digit images to {out / 'digits'}")
@@ -95,7 +94,7 @@ def main() -> int:
     common = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0",
               "--master-addr", "127.0.0.1", "--master-port", free_port(),
               "examples/pretrain_arra.py", "--config", "examples/configs/demo.yaml", "--data-path", prefix,
-              "--arra-target-dim", CLIP_EMBED_DIM, "--train-iters", args.train_iters, "--save", out / "ckpt",
+              "--train-iters", args.train_iters, "--save", out / "ckpt",
               "--save-interval", half, "--log-json", log, *layout]
     env = {"OMP_NUM_THREADS": "1"}
     _run(common + ["--exit-interval", half], env)

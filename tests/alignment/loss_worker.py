@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from arra_megatron import tiny
 from arra_megatron.alignment.loss import alignment_mask, num_aligned_samples, position_weights
 from arra_megatron.alignment.tap import AlignmentInputs, ARRAStep, ARRATap
 from arra_megatron.config import ARRAConfig
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing import tiny
 
 
 class _EchoLayer(torch.nn.Module):

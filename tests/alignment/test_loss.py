@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from arra_megatron import tiny
 from arra_megatron.alignment.loss import alignment_mask, hybnext_mask, position_weights, rep_mask
-from arra_megatron.testing import tiny
 from arra_megatron.runtime.launch import run_workers
 from tests.alignment import loss_worker
 

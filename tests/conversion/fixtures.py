@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from arra_megatron.testing import tiny
+from arra_megatron import tiny
 from tests.conversion.llama_worker import SEQ
 
 IMAGE_RANGE = (64, 120)  # below every test vocabulary

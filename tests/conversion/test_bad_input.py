@@ -15,13 +15,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from arra_megatron.conversion.checkpoint import (  # noqa: E402
-    _check_layout,
-    checkpoint_architecture,
-    export_checkpoint,
-    import_checkpoint,
-)
 from arra_megatron.conversion.common import ConversionError  # noqa: E402
+from arra_megatron.conversion.hf_export import check_layout, checkpoint_architecture, export_checkpoint  # noqa: E402
+from arra_megatron.conversion.hf_import import import_checkpoint  # noqa: E402
 from tests.conversion.fixtures import make_llama  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,11 +101,11 @@ def test_existing_outputs_and_inconsistent_checkpoint(tmp_path, llama_dir):
     metadata = dist_checkpointing.load_tensors_metadata(path)
     args = checkpoints.saved_args(path)
     arch = checkpoint_architecture(args)
-    assert _check_layout(metadata, arch) == 128
+    assert check_layout(metadata, arch) == 128
     with pytest.raises(ConversionError, match="linear_qkv.weight has shape .* needs"):
-        _check_layout(metadata, dataclasses.replace(arch, num_query_groups=4))
+        check_layout(metadata, dataclasses.replace(arch, num_query_groups=4))
     with pytest.raises(ConversionError, match="contradicts its recorded tied embeddings"):
-        _check_layout(metadata, dataclasses.replace(arch, tie_embeddings=True))
+        check_layout(metadata, dataclasses.replace(arch, tie_embeddings=True))
     with pytest.raises(ConversionError, match="not a Llama-style model; export needs --swiglu, no --add-qkv-bias"):
         checkpoint_architecture(argparse.Namespace(**{**vars(args), "swiglu": False, "add_qkv_bias": True}))
     with pytest.raises(ConversionError, match="pass --vocab-size"):

@@ -14,11 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
-from arra_megatron.conversion.common import METADATA_FILE, ConversionError  # noqa: E402
+from arra_megatron.conversion.common import ConversionError  # noqa: E402
+from arra_megatron.conversion.hf_export import export_checkpoint  # noqa: E402
+from arra_megatron.conversion.hf_import import import_checkpoint  # noqa: E402
 from arra_megatron.data.samples import collate, sample_from_document  # noqa: E402
 from arra_megatron.runtime.launch import run_workers  # noqa: E402
 from arra_megatron.tokenization.profile import TokenizerProfile, content_sha256  # noqa: E402
+from arra_megatron.training.checkpoints import IMPORT_RECORD_FILE  # noqa: E402
 from tests.conversion.fixtures import (  # noqa: E402
     CHAMELEON_CODEBOOK,
     IMAGE_RANGE,
@@ -81,7 +83,7 @@ def test_import_writes_the_profile_and_vq_model(imported):
 
 def test_import_matches_transformers(imported):
     ckpt, record = imported["ckpt"], imported["record"]
-    with open(os.path.join(ckpt, METADATA_FILE)) as f:
+    with open(os.path.join(ckpt, IMPORT_RECORD_FILE)) as f:
         assert json.load(f)["trainer_flags"] == record["trainer_flags"]
     with open(os.path.join(ckpt, record["tokenizer_profile"])) as f:
         profile = TokenizerProfile.from_dict(json.load(f))
@@ -137,9 +139,8 @@ def test_dataset_built_with_the_imported_profile(imported, tmp_path):
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from arra_megatron.data.dataset import read_manifest
-    from arra_megatron.testing.tiny_data import encode_image, make_image
     from arra_megatron.tokenization.image import ImageTokenizer, load_rgb
+    from tests.support.tiny_data import encode_image, make_image
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location("build_tool", os.path.join(root, "tools",
@@ -158,7 +159,8 @@ def test_dataset_built_with_the_imported_profile(imported, tmp_path):
             "--text-tokenizer", imported["hf"], "--image-tokenizer", os.path.join(ckpt, "vq_model"),
             "--image-size", "16", "--max-seq-length", "30", "--tokenizer-profile", profile_file]
     assert tool.main(argv) == 0
-    assert read_manifest(str(tmp_path / "ds"))["tokenizer_profile"] == json.loads(json.dumps(profile.to_dict()))
+    manifest = json.loads((tmp_path / "ds.json").read_text())
+    assert manifest["tokenizer_profile"] == json.loads(json.dumps(profile.to_dict()))
     vq = ImageTokenizer(os.path.join(ckpt, "vq_model"), 16)
     dataset = IndexedDataset(str(tmp_path / "ds"))
     for i, data in enumerate(images):

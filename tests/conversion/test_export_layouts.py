@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
+from arra_megatron.conversion.hf_export import export_checkpoint  # noqa: E402
+from arra_megatron.conversion.hf_import import import_checkpoint  # noqa: E402
 from tests.conversion.fixtures import hf_weights, make_llama  # noqa: E402
 from tests.conversion.llama_worker import save_in_layout  # noqa: E402
 

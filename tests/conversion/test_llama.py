@@ -13,9 +13,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from arra_megatron.conversion.checkpoint import export_checkpoint, import_checkpoint  # noqa: E402
-from arra_megatron.conversion.common import METADATA_FILE, GPTArchitecture  # noqa: E402
+from arra_megatron.conversion.common import GPTArchitecture  # noqa: E402
+from arra_megatron.conversion.hf_export import export_checkpoint  # noqa: E402
+from arra_megatron.conversion.hf_import import import_checkpoint  # noqa: E402
 from arra_megatron.runtime.launch import run_workers  # noqa: E402
+from arra_megatron.training.checkpoints import IMPORT_RECORD_FILE  # noqa: E402
 from tests.conversion.fixtures import (  # noqa: E402
     IMAGE_RANGE,
     assert_matches_transformers,
@@ -50,7 +52,7 @@ def test_import_matches_transformers(imported):
     args = checkpoints.saved_args(checkpoints.resolve(ckpt))
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.vocab_size) == (TP, PP, vocab)
     assert args.untie_embeddings_and_output_weights == (vocab == 128) and not args.add_bias_linear
-    with open(os.path.join(ckpt, METADATA_FILE)) as f:
+    with open(os.path.join(ckpt, IMPORT_RECORD_FILE)) as f:
         assert json.load(f)["trainer_flags"] == record["trainer_flags"]
     assert record["padded_vocab_size"] == 128  # 127 needs one row to split over TP 2
     assert checkpoints.padded_vocab_rows(checkpoints.resolve(ckpt)) == 128
@@ -110,7 +112,7 @@ def test_trainer_checkpoint_exports(tmp_path):
                            "--hf", hf_dir, "--save", str(tmp_path / "ckpt")],
                           capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(tmp_path / "ckpt" / METADATA_FILE) as f:
+    with open(tmp_path / "ckpt" / IMPORT_RECORD_FILE) as f:
         record = json.load(f)
     assert "trainer flags: " + " ".join(record["trainer_flags"]) in proc.stdout
     loop(4, *record["trainer_flags"], "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",

@@ -14,10 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arra_megatron.testing.tiny_data import (  # noqa: F401
-    chameleon_vq_dir, encode_image, hf_tokenizer_dir, image_modes_zoo, janus_vq_dir, make_image,
-    random_caption, sp_model, write_tar)
 from arra_megatron.tokenization.image import ImageTokenizer, load_rgb
+from tests.support.tiny_data import encode_image, image_modes_zoo, make_image, random_caption, write_tar
 
 IMAGE_SIZE = 32
 TOKENS_PER_IMAGE = 64

@@ -13,13 +13,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from arra_megatron.data import builder as builder_module
 from arra_megatron.data.builder import BuildConfig, build_dataset
-from arra_megatron.testing.tiny_data import encode_image, make_image
 from arra_megatron.tokenization.profile import TokenizerProfile
 from arra_megatron.tokenization.text import TextTokenizer
 from tests.data.conftest import IMAGE_SIZE, MAX_SEQ_LENGTH, TOKENS_PER_IMAGE, Good, reference_codes
 from tests.data.conftest import build_argv as _argv
 from tests.data.conftest import build_tool as tool
 from tests.data.conftest import built_files as _files
+from tests.support.tiny_data import encode_image, make_image
 
 def _check_samples(prefix: Path, good: list, vq_dir: Path, condition_ids) -> dict:
     """Every good sample, in input order, as [BOS] condition [BOI] codes [EOI] [EOS]; image refs point at its bytes."""
@@ -215,7 +215,7 @@ def test_class_folder_uses_class_tokens(tmp_path, janus_vq_dir):
     prefix = tmp_path / "c2i"
     config = BuildConfig(input=str(root), output_prefix=str(prefix), image_tokenizer=str(janus_vq_dir),
                          image_size=IMAGE_SIZE, max_seq_length=MAX_SEQ_LENGTH)
-    manifest = build_dataset(config)
+    manifest = build_dataset(config).to_dict()
     assert manifest["input"]["kind"] == "folder" and manifest["input"]["classes"] == ["n01", "n02", "n03"]
     assert manifest["skipped"] == {"image_undecodable": 1}
     profile = TokenizerProfile.from_dict(manifest["tokenizer_profile"])

@@ -15,10 +15,10 @@ from arra_megatron.data.builder import BuildConfig, add_features, build_dataset
 from arra_megatron.data.image_refs import read_image_bytes
 from arra_megatron.encoders import load_encoder
 from arra_megatron.encoders.preprocess import reference_preprocess
-from arra_megatron.testing.tiny_data import encode_image, make_image
 from tests.data.conftest import IMAGE_SIZE, MAX_SEQ_LENGTH
 from tests.data.test_features import build_tool
-from tests.encoders.custom_encoders import MODULE, POOLED_DIM, timm_weights, user_module  # noqa: F401
+from tests.encoders.custom_encoders import MODULE, POOLED_DIM
+from tests.support.tiny_data import encode_image, make_image
 
 torch.set_num_threads(1)
 POOLED = f"python:{MODULE}:pooled"
@@ -61,7 +61,7 @@ def test_python_encoder_rows_are_their_samples_images(tmp_path, class_folders, j
     manifest = build_dataset(BuildConfig(input=str(class_folders), output_prefix=str(prefix),
                                          image_tokenizer=str(janus_vq_dir), image_size=IMAGE_SIZE,
                                          max_seq_length=MAX_SEQ_LENGTH, num_parts=2, encoder=POOLED,
-                                         encoder_aggregation="avgpool", encoder_batch_size=2))
+                                         encoder_aggregation="avgpool", encoder_batch_size=2)).to_dict()
     encoder = load_encoder(POOLED, "avgpool")
     entry = manifest["features"]
     assert entry["shape"] == [9, POOLED_DIM] and entry["samples_without_target"] == 0

@@ -20,7 +20,7 @@ from arra_megatron.data.dali_pipeline import (DaliImagePreprocessor, ReferenceIm
 from arra_megatron.encoders import load_encoder
 from arra_megatron.encoders.preprocess import PreprocessSpec, reference_preprocess
 from arra_megatron.runtime.capabilities import has_dali, has_dali_gpu
-from tests.encoders.fixtures import encode, image_zoo, smooth_image, tiny_clip_dir, tiny_sam_dir  # noqa: F401
+from tests.encoders.fixtures import encode, image_zoo, smooth_image
 
 pytestmark = pytest.mark.skipif(not has_dali(), reason="nvidia-dali is not installed (pip install 'arra-megatron[data]')")
 

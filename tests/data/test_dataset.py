@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from arra_megatron.data.dataset import build_arra_datasets, drop_condition
+from arra_megatron.data.manifest import BuildCounts, DatasetFiles, DatasetManifest, FeatureTable
 from arra_megatron.tokenization.profile import ModelIdentity, TokenizerProfile
 
 SEQ = 24
@@ -28,7 +28,8 @@ def write_prefix(prefix: Path, num_docs: int, seed: int, profile: TokenizerProfi
                  nan_rows=()) -> list:
     """A dataset as the builder lays it out: documents, manifest, optional float16 feature table."""
     rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(profile.vocab_size))
+    dtype = DType.optimal_dtype(profile.vocab_size)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     docs = []
     for _ in range(num_docs):
         cond = rng.integers(3, 50, size=int(rng.integers(1, 6)))
@@ -43,9 +44,12 @@ def write_prefix(prefix: Path, num_docs: int, seed: int, profile: TokenizerProfi
         table = rng.standard_normal((num_docs, 6)).astype(np.float16)
         table[list(nan_rows)] = np.nan
         np.save(f"{prefix}.features.npy", table)
-        info = {"file": f"{prefix.name}.features.npy", "dtype": "float16", "shape": [num_docs, 6]}
-    manifest = {"num_samples": num_docs, "tokenizer_profile": profile.to_dict(), "features": info}
-    Path(f"{prefix}.json").write_text(json.dumps(manifest))
+        info = FeatureTable(file=f"{prefix.name}.features.npy", num_rows=num_docs, dim=6,
+                            encoder={"family": "random", "name": "standard normal"}, aggregation="cls",
+                            preprocessing={}, samples_without_target=len(nan_rows))
+    DatasetManifest(num_samples=num_docs, token_dtype=np.dtype(dtype).name, max_seq_length=SEQ + 1,
+                    tokenizer_profile=profile, files=DatasetFiles.named(prefix.name),
+                    counts=BuildCounts(samples=num_docs), builder_version="1").with_features(info).write(str(prefix))
     return docs
 
 

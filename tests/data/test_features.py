@@ -20,9 +20,9 @@ from arra_megatron.data.image_refs import ImageRefTable, read_image_bytes
 from arra_megatron.encoders import load_encoder
 from arra_megatron.encoders.preprocess import reference_preprocess
 from arra_megatron.runtime.launch import free_port
-from arra_megatron.testing.tiny_data import encode_image, make_image
+from arra_megatron.tiny import CLIP_EMBED_DIM
 from tests.data.conftest import IMAGE_SIZE, MAX_SEQ_LENGTH
-from tests.encoders.fixtures import CLIP_EMBED_DIM, tiny_clip_dir  # noqa: F401
+from tests.support.tiny_data import encode_image, make_image
 
 _TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -173,7 +173,7 @@ def test_undecodable_image_gets_a_nan_row_and_is_counted(tmp_path, folder_inputs
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(built.astype(np.float32)), reference).min() > 0.999
 
     files[1].write_bytes(b"\x00garbage" * (files[1].stat().st_size // 8) + b"\x00" * (files[1].stat().st_size % 8))
-    manifest = add_features(str(prefix), _encoder_spec(tiny_clip_dir), batch_size=3, overwrite=True)
+    manifest = add_features(str(prefix), _encoder_spec(tiny_clip_dir), batch_size=3, overwrite=True).to_dict()
     table = np.load(f"{prefix}.features.npy")
     assert np.isnan(table[1]).all() and not np.isnan(table[[0, 2, 3]]).any()
     np.testing.assert_allclose(table[[0, 2, 3]].astype(np.float32), built[[0, 2, 3]].astype(np.float32),

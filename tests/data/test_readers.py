@@ -2,7 +2,7 @@ import pytest
 
 from arra_megatron.data.readers import (
     TarShardSource, check_sample, detect_kind, open_source, read_tar_shard)
-from arra_megatron.testing.tiny_data import write_tar
+from tests.support.tiny_data import write_tar
 
 
 def _members(n):

@@ -1,9 +1,9 @@
-"""Fixtures for the ``python:`` and ``timm:`` encoder kinds.
+"""Encoders for the ``python:`` and ``timm:`` encoder kinds.
 
 A user's ``python:`` encoder module, written to a temporary directory and put on the path:
-``user_module`` (session fixture) writes ``arra_user_encoders.py`` (plus its weights file)
-into a temporary directory, prepends it to ``sys.path`` and to ``PYTHONPATH`` (for tools
-run as subprocesses), and returns that directory. Its functions cover the contract and
+``user_module`` (session fixture, tests/conftest.py) writes ``arra_user_encoders.py`` (plus its
+weights file) into a temporary directory, prepends it to ``sys.path`` and to ``PYTHONPATH`` (for
+tools run as subprocesses), and returns that directory; ``timm_weights`` (the same) saves timm models. Its functions cover the contract and
 every way to break it; ``pooled`` is the well-behaved one: a fixed random linear map of the
 image averaged to 4 x 4, i.e. features that depend strongly on the pixels.
 """
@@ -11,11 +11,8 @@ image averaged to 4 x 4, i.e. features that depend strongly on the pixels.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 MODULE = "arra_user_encoders"
@@ -124,29 +121,6 @@ def write_user_module(directory: Path, name: str = MODULE, seed: int = 0) -> Pat
     return path
 
 
-@pytest.fixture(scope="session")
-def user_module(tmp_path_factory):
-    # One directory per session, whichever test module asks first: the imported module is cached in
-    # sys.modules, so every test module must see the same file (each import of this fixture is its own
-    # fixture definition to pytest).
-    directory = tmp_path_factory.getbasetemp() / "user_encoders"
-    if not (directory / f"{MODULE}.py").exists():
-        write_user_module(directory)
-    added = str(directory) not in sys.path
-    old_path = os.environ.get("PYTHONPATH")
-    if added:
-        sys.path.insert(0, str(directory))
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(directory)] + ([old_path] if old_path else []))
-    yield directory
-    if added:  # the first definition to set up tears down last
-        sys.path.remove(str(directory))
-        sys.modules.pop(MODULE, None)
-        if old_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_path
-
-
 def pooled_module() -> torch.nn.Module:
     """What ``pooled`` returns, called directly (the reference for the encoders package)."""
     return importlib.import_module(MODULE).pooled("avgpool", torch.device("cpu"))[0].eval()
@@ -166,11 +140,3 @@ def save_timm(arch: str, path: Path, headless: bool = False, seed: int = 0) -> t
     else:
         torch.save(state, path)
     return model
-
-
-@pytest.fixture(scope="session")
-def timm_weights(tmp_path_factory):
-    """{arch: (weights file, model)} for a ViT (class token), a ResNet and a ConvNeXt (head.fc)."""
-    directory = tmp_path_factory.mktemp("timm")
-    return {arch: (directory / f"{arch}.safetensors", save_timm(arch, directory / f"{arch}.safetensors"))
-            for arch in ("test_vit", "test_resnet", "test_convnext")}

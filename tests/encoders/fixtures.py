@@ -1,8 +1,8 @@
 """Tiny random target encoders saved in their libraries' own formats (no downloads).
 
-- CLIP: open_clip ``CLIP`` with a 2-layer ViT (64 px, patch 16, width 64) and a 1-layer
-  text tower, saved as open_clip's local-dir (``open_clip_config.json`` +
-  ``open_clip_model.safetensors``).
+- CLIP: ``arra_megatron.tiny.make_tiny_clip`` (``make demo`` uses it too): open_clip ``CLIP``
+  with a 2-layer ViT (64 px, patch 16, width 64) and a 1-layer text tower, saved as open_clip's
+  local-dir (``open_clip_config.json`` + ``open_clip_model.safetensors``).
 - BiomedCLIP-style: the same format with a timm vision tower (``timm_model_name``:
   timm's ``test_vit``, 6 blocks of width 64, dynamic image size) and ``timm_pool: ""``
   / ``timm_proj: "linear"`` as BiomedCLIP's config has. BiomedCLIP's text tower is a HF
@@ -10,24 +10,21 @@
 - SAM: transformers ``SamModel`` with a 2-layer 64 px vision encoder, ``save_pretrained``
   plus a ``SamImageProcessor`` sized to match.
 
-Import the fixtures into a test module's namespace (``from tests.encoders.fixtures import *``)
-or a conftest; they are session-scoped so each model is built once.
+The session fixtures that build each model once: ``tiny_clip_dir`` and ``tiny_sam_dir`` in
+tests/conftest.py, ``tiny_biomedclip_dir`` in tests/encoders/conftest.py.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from arra_megatron.testing.tiny_encoders import (  # noqa: F401  (re-exported for the tests)
-    _TEXT_CFG, CLIP_EMBED_DIM, make_tiny_clip, save_open_clip)
+from arra_megatron.tiny import CLIP_EMBED_DIM, CLIP_TEXT_CFG, save_open_clip
 
 SAM_CHANNELS = 24
 
@@ -36,7 +33,7 @@ def make_tiny_biomedclip(directory: Path) -> Path:
     model_cfg = {"embed_dim": CLIP_EMBED_DIM,
                  "vision_cfg": {"image_size": 64, "timm_model_name": "test_vit", "timm_model_pretrained": False,
                                 "timm_pool": "", "timm_proj": "linear"},
-                 "text_cfg": _TEXT_CFG}
+                 "text_cfg": CLIP_TEXT_CFG}
     preprocess_cfg = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
     return save_open_clip(directory, model_cfg, preprocess_cfg, seed=1)
 
@@ -90,18 +87,3 @@ def image_zoo() -> List[Tuple[str, np.ndarray]]:
         ("gray_jpeg", encode(smooth_image(5, (70, 90), "L"), "JPEG", quality=95)),
         ("rgba_png", encode(smooth_image(6, (81, 67), "RGBA"), "PNG")),
     ]
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="session")
-def tiny_biomedclip_dir(tmp_path_factory) -> Path:
-    return make_tiny_biomedclip(tmp_path_factory.mktemp("biomedclip"))
-
-
-@pytest.fixture(scope="session")
-def tiny_sam_dir(tmp_path_factory) -> Path:
-    return make_tiny_sam(tmp_path_factory.mktemp("sam"))

@@ -9,8 +9,8 @@ import torch
 
 from arra_megatron.encoders import load_encoder
 from arra_megatron.runtime.capabilities import has_gpu
-from tests.encoders.fixtures import (CLIP_EMBED_DIM, SAM_CHANNELS, make_tiny_clip, make_tiny_sam,  # noqa: F401
-                                     tiny_biomedclip_dir, tiny_clip_dir, tiny_sam_dir)
+from arra_megatron.tiny import CLIP_EMBED_DIM, make_tiny_clip
+from tests.encoders.fixtures import SAM_CHANNELS, make_tiny_sam
 
 torch.set_num_threads(1)
 

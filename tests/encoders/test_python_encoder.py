@@ -9,8 +9,7 @@ import torch
 
 from arra_megatron.encoders import load_encoder
 from arra_megatron.encoders.preprocess import reference_preprocess
-from tests.encoders.custom_encoders import (  # noqa: F401  (user_module: a fixture)
-    MODULE, POOLED_DIM, SIZE, pooled_module, user_module, write_user_module)
+from tests.encoders.custom_encoders import MODULE, POOLED_DIM, SIZE, pooled_module, write_user_module
 from tests.encoders.fixtures import image_zoo
 
 torch.set_num_threads(1)  # the CPU is shared: one thread per test process is the fastest

@@ -7,7 +7,7 @@ import torch
 
 from arra_megatron.encoders import load_encoder
 from arra_megatron.encoders.preprocess import open_image, reference_preprocess
-from tests.encoders.custom_encoders import save_timm, timm_weights  # noqa: F401
+from tests.encoders.custom_encoders import save_timm
 from tests.encoders.fixtures import image_zoo
 
 timm = pytest.importorskip("timm")

@@ -10,9 +10,9 @@ from typing import List
 import pytest
 import torch
 
-from arra_megatron.testing.tiny_data import make_image
-from arra_megatron.testing.tiny_encoders import CLIP_EMBED_DIM, save_open_clip
-from arra_megatron.testing.tiny_evaluation import save_random_inception
+from arra_megatron.tiny import CLIP_EMBED_DIM, save_open_clip
+from tests.support.inception import save_random_inception
+from tests.support.tiny_data import make_image
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 IMAGE_SIDE = 176  # torchmetrics MS-SSIM (5 scales, 11-pixel window): side // 16 > 10

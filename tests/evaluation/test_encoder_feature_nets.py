@@ -12,7 +12,7 @@ import torch
 
 from arra_megatron.encoders.preprocess import preprocess_tensor
 from arra_megatron.evaluation.feature_nets import load_feature_net
-from tests.encoders.custom_encoders import MODULE, POOLED_DIM, pooled_module, timm_weights, user_module  # noqa: F401
+from tests.encoders.custom_encoders import MODULE, POOLED_DIM, pooled_module
 from tests.evaluation.conftest import load_tool, write_images
 
 STUDY = Path(__file__).resolve().parents[2] / "examples" / "study"

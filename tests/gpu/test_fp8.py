@@ -1,7 +1,7 @@
 """The GPU path in one process on one GPU (NCCL): Transformer Engine layers, FP8 for the
 model and the ARRA projector, and loading CPU/local-spec checkpoints into TE models.
 
-Each model is Megatron-LM's loop's (``testing/steps.py``: ``megatron_loop.parse_args`` of the
+Each model is Megatron-LM's loop's (``training/step_runner.py``: ``megatron_loop.parse_args`` of the
 flags that describe the config, ``setup_model_and_optimizer`` with ``megatron_loop.model_provider``)
 and starts from one Megatron-LM checkpoint written by the local (non-TE) spec, so the
 comparisons are between precisions and implementations, not initialisations.
@@ -30,17 +30,17 @@ def single_gpu_world():
     """A world of one: the runners build the loop's model in this process, one at a time."""
     yield
     from arra_megatron.runtime.distributed import destroy_model_parallel
-    from arra_megatron.testing.steps import release
+    from arra_megatron.training.step_runner import release
 
     release()
     destroy_model_parallel()
 
 
 def _runner(backend: str, fp8=None, recipe="delayed", target_dim=128, checkpoint=None):
+    from arra_megatron import tiny
     from arra_megatron.config import ARRAConfig
-    from arra_megatron.testing import tiny
-    from arra_megatron.testing.steps import build_runner
     from arra_megatron.training import checkpoints
+    from arra_megatron.training.step_runner import build_runner
 
     config = tiny.tiny_config(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
                               bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,

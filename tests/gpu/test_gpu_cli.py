@@ -8,7 +8,7 @@ import pytest
 
 from arra_megatron.runtime.capabilities import has_dali_gpu, has_gpu, has_transformer_engine
 from tests.training.test_cli import ok, records, torchrun
-from tests.training.test_targets import MODEL, dataset  # noqa: F401  (module fixture)
+from tests.training.test_targets import MODEL
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU; none is available here")]
 GPU = {"ARRA_CPU_MODE": "0"}
@@ -44,7 +44,7 @@ def test_local_spec_on_gpu_trains(tmp_path):
 
 
 @pytest.mark.skipif(not has_dali_gpu(), reason="DALI GPU decoding needs nvidia-dali and a GPU")
-def test_online_targets_on_gpu_match_precomputed(dataset, tmp_path):  # noqa: F811
+def test_online_targets_on_gpu_match_precomputed(dataset, tmp_path):
     """DALI "mixed" decode + the encoder on the GPU give the precomputed (CPU) L_GVA."""
     prefix = str(dataset / "data" / "ds")
     common = ["--data-path", prefix, "--split", "100,0,0", *MODEL]

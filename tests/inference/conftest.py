@@ -12,7 +12,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_dir(model):
     """The model exported by the project's converter (tools/convert_checkpoint.py export)."""
-    from arra_megatron.conversion.checkpoint import export_checkpoint
+    from arra_megatron.conversion.hf_export import export_checkpoint
 
     out = model.root / "hf"
     export_checkpoint(str(model.checkpoint), str(out), tokenizer=str(model.tokenizer))

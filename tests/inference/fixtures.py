@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arra_megatron.runtime.launch import free_port
-from arra_megatron.testing.tiny_data import make_hf_tokenizer, make_image, make_janus_vq, random_caption
+from arra_megatron.tiny import make_janus_vq
+from tests.support.tiny_data import make_hf_tokenizer, make_image, random_caption
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 16  # JanusVQ with 4x downsampling: 4 x 4 = 16 image tokens

@@ -7,9 +7,9 @@ import dataclasses
 import torch
 from megatron.core import parallel_state
 
+from arra_megatron import tiny
 from arra_megatron.models.norms import ARRATransformerConfig, PerHeadKeyLayerNorm, PerHeadQueryLayerNorm
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing import tiny
 
 HEADS, GROUPS, HEAD_DIM = 4, 2, 16
 

@@ -7,11 +7,11 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
+from arra_megatron import tiny
 from arra_megatron.models.specs import get_decoder_block_spec
-from arra_megatron.testing import tiny
-from arra_megatron.testing.steps import loop_model
 from arra_megatron.training import checkpoints, megatron_loop
 from arra_megatron.training.forward_step import read_metrics
+from arra_megatron.training.step_runner import loop_model
 
 SEQ = 32
 SEED = 1234

@@ -1,5 +1,5 @@
 """Worker side of the layout-invariance tests: one global batch through one parallel layout of
-Megatron-LM's loop (``testing/steps.py::loop_model``: ``megatron_loop.parse_args``,
+Megatron-LM's loop (``training/step_runner.py::loop_model``: ``megatron_loop.parse_args``,
 ``initialize_megatron``, ``setup_model_and_optimizer`` with ``megatron_loop.model_provider``,
 the reference weights read by ``--load``; the schedule calls ``megatron_loop.forward_step``).
 
@@ -13,11 +13,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 
+from arra_megatron import tiny
 from arra_megatron.data.mock import mock_image_token_range
-from arra_megatron.testing import tiny
-from arra_megatron.testing.steps import loop_model
 from arra_megatron.training import checkpoints, megatron_loop
 from arra_megatron.training.forward_step import read_metrics
+from arra_megatron.training.step_runner import loop_model
 
 SEQ = 32
 TARGET_DIM = 16

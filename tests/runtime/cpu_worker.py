@@ -7,10 +7,10 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from arra_megatron import tiny
 from arra_megatron.models.specs import SDPADotProductAttention, default_backend, get_decoder_block_spec
 from arra_megatron.runtime import cpu_mode
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing import tiny
 
 
 def device_rewrites() -> dict:

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from arra_megatron.testing.tiny_data import encode_image, make_image
 from arra_megatron.tokenization.image import ImageDecodeError, ImageTokenizer, load_rgb, to_rgb
+from tests.support.tiny_data import encode_image, make_image
 
 
 def test_to_rgb_16bit_is_scaled_not_clipped():

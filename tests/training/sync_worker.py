@@ -6,10 +6,10 @@ import collections
 
 from torch.profiler import ProfilerActivity, profile
 
+from arra_megatron import tiny
 from arra_megatron.config import ARRAConfig
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing import tiny
-from arra_megatron.testing.steps import build_runner
+from arra_megatron.training.step_runner import build_runner
 
 SEQ = 32
 #: Ops that make the host wait for the device: a scalar read (``.item()``, ``int()``,

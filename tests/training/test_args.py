@@ -7,6 +7,7 @@ message. Every case runs in this process (``parse`` / ``rejected`` in conftest.p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -238,6 +239,29 @@ def test_dataset_fits_the_model(parse, rejected, tmp_path):
     err = rejected(replace(replace(DATASET, "--seq-length", "8"), "--max-position-embeddings", "8")
                    + ["--data-path", str(tmp_path / "ds")])
     assert f"--data-path {tmp_path / 'ds'}" in err and "--seq-length 8 would cut them" in err
+
+
+def test_target_dim_given_against_the_feature_table(rejected, tmp_path):
+    """A repeated --arra-target-dim that disagrees with the dataset fails naming both values."""
+    write_dataset(tmp_path / "ds")
+    err = rejected(DATASET + ["--data-path", str(tmp_path / "ds"), "--arra-target-dim", "32"])
+    assert f"--arra-target-dim 32 does not match the feature table of --data-path {tmp_path / 'ds'}, whose D is 6" in err
+
+
+def test_target_dim_defaults_to_the_checkpoint_resumed(parse, rejected, tmp_path, monkeypatch):
+    """--load of an ARRA run: its saved --arra-target-dim is the default (the mock's 512 is not), and a
+    dataset with another D fails naming both."""
+    from arra_megatron.training import checkpoints
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000010").mkdir(parents=True)
+    (ckpt / "iter_0000010" / "metadata.json").write_text("{}")
+    (ckpt / checkpoints.TRACKER_FILE).write_text("10")
+    monkeypatch.setattr(checkpoints, "saved_args", lambda path: argparse.Namespace(arra=True, arra_target_dim=16))
+    assert parse(BASE + ["--load", str(ckpt)]).arra_target_dim == 16
+    write_dataset(tmp_path / "ds")
+    err = rejected(DATASET + ["--data-path", str(tmp_path / "ds"), "--load", str(ckpt)])
+    assert f"the checkpoint of --load {ckpt} has D 16 but the feature table of --data-path {tmp_path / 'ds'} has D 6" in err
 
 
 def test_online_targets_need_a_dataset_and_an_encoder(rejected, tmp_path):

@@ -12,7 +12,6 @@ it is meant for.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import subprocess
 import pytest
 import yaml
 
+from arra_megatron.data.manifest import BuildCounts, DatasetFiles, DatasetManifest, FeatureTable
 from arra_megatron.tokenization.profile import NUM_FRAME_TOKENS, ModelIdentity, SpecialTokens, TokenizerProfile
 from arra_megatron.training.megatron_loop import build_parser, transformer_config
 
@@ -168,10 +168,11 @@ def write_dataset_manifest(prefix, profile: TokenizerProfile, max_seq_length: in
     (``target_dim`` None: no precomputed targets, a dataset for online ones)."""
     for ext in (".bin", ".idx"):
         open(f"{prefix}{ext}", "wb").close()
-    features = None if target_dim is None else {"file": "features.npy", "dtype": "float16", "shape": [1, target_dim]}
-    manifest = {"tokenizer_profile": profile.to_dict(), "max_seq_length": max_seq_length, "features": features}
-    with open(f"{prefix}.json", "w") as f:
-        json.dump(manifest, f)
+    features = None if target_dim is None else FeatureTable(file="features.npy", num_rows=1, dim=target_dim,
+                                                            encoder={}, aggregation="cls", preprocessing={})
+    DatasetManifest(num_samples=1, token_dtype="int32", max_seq_length=max_seq_length, tokenizer_profile=profile,
+                    files=DatasetFiles.named(os.path.basename(prefix)), counts=BuildCounts(samples=1),
+                    builder_version="1").with_features(features).write(prefix)
 
 
 VQ16 = ModelIdentity(kind="JanusVQVAE", path="/models/llamagen_vq16", sha256="0" * 64)

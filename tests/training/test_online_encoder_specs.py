@@ -10,9 +10,9 @@ import torch
 from megatron.core import parallel_state
 
 from arra_megatron.encoders.preprocess import reference_preprocess
-from arra_megatron.testing.tiny_data import encode_image, make_image
 from arra_megatron.training.targets import OnlineTargets
-from tests.encoders.custom_encoders import MODULE, POOLED_DIM, user_module  # noqa: F401
+from tests.encoders.custom_encoders import MODULE, POOLED_DIM
+from tests.support.tiny_data import encode_image, make_image
 from tests.training.test_args import DATASET, write_dataset
 
 torch.set_num_threads(1)

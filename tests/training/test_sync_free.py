@@ -30,10 +30,10 @@ def test_the_count_sees_a_scalar_read():
 
 
 def _read_scalar_worker() -> dict:
+    from arra_megatron import tiny
     from arra_megatron.config import ARRAConfig
     from arra_megatron.runtime.distributed import initialize_model_parallel
-    from arra_megatron.testing import tiny
-    from arra_megatron.testing.steps import build_runner
+    from arra_megatron.training.step_runner import build_runner
 
     initialize_model_parallel(1, 1)
     runner = build_runner(tiny.tiny_config(), ARRAConfig(target_dim=16), sync_worker.SEQ, micro_batch_size=2,

@@ -5,35 +5,15 @@ target is dropped from L_GVA and counted."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from arra_megatron.testing.tiny_data import make_image, make_janus_vq
-from arra_megatron.testing.tiny_encoders import make_tiny_clip
-from tests.training.test_megatron_loop import NO_DROPOUT, ROOT, loop, records
+from tests.training.test_megatron_loop import NO_DROPOUT, loop, records
 
 #: TINY's mock data, vocabulary and target dimension give way to the dataset's.
 FROM_DATASET = ("--mock-data", "--vocab-size", "--arra-target-dim")
-#: A short run on the dataset below (its documents fill 73 tokens), without evaluations.
+#: A short run on the ``dataset`` fixture (tests/conftest.py; its documents fill 73 tokens), without evaluations.
 MODEL = ["--seq-length", "72", "--max-position-embeddings", "72", "--train-iters", "2", "--lr-decay-iters", "2",
          "--eval-iters", "0"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("targets")
-    for i in range(24):
-        folder = root / "images" / f"class_{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        make_image(i, size=(40 + i, 32)).save(folder / f"{i}.png")
-    clip = make_tiny_clip(root / "clip")
-    cmd = [sys.executable, "tools/build_indexed_dataset.py", "--input", str(root / "images"), "--input-kind", "folder",
-           "--output-prefix", str(root / "data" / "ds"), "--image-tokenizer", str(make_janus_vq(root / "vq")),
-           "--image-size", "32", "--max-seq-length", "73", "--encoder", f"open_clip:local-dir:{clip}"]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
-    return root
 
 
 def test_online_targets_match_precomputed(dataset, tmp_path):

@@ -18,10 +18,10 @@ import time
 
 import torch
 
+from arra_megatron import tiny
 from arra_megatron.config import ARRAConfig
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing import tiny
-from arra_megatron.testing.steps import build_runner
+from arra_megatron.training.step_runner import build_runner
 
 
 def make_runner(args, arra: ARRAConfig, seed: int):

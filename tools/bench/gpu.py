@@ -35,7 +35,7 @@ import torch
 
 from arra_megatron.runtime.capabilities import has_gpu, has_transformer_engine
 from arra_megatron.runtime.distributed import initialize_model_parallel
-from arra_megatron.testing.steps import IMAGE_RANGE, build_runner
+from arra_megatron.training.step_runner import IMAGE_RANGE, build_runner
 
 MODELS = {
     "llamagen-l": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, num_query_groups=16,

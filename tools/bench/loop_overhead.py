@@ -50,10 +50,10 @@ def count_ops(args) -> dict:
     """aten ops and sync ops per step, ARRA on and off (one process, the loop's forward step)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from arra_megatron import tiny
     from arra_megatron.config import ARRAConfig
     from arra_megatron.runtime.distributed import initialize_model_parallel
-    from arra_megatron.testing import tiny
-    from arra_megatron.testing.steps import build_runner
+    from arra_megatron.training.step_runner import build_runner
 
     initialize_model_parallel(1, 1)
     out = {}

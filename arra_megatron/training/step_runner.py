@@ -1,5 +1,5 @@
 """The model, optimizer and forward step of Megatron-LM's loop (training/megatron_loop.py), built
-in this process for the tests and benchmarks that drive the schedule themselves.
+in this process for the benchmarks (tools/bench/) and tests that drive the schedule themselves.
 
 ``loop_model(argv)`` runs what ``megatron.training.pretrain`` runs before its first step:
 ``megatron_loop.setup`` (CPU mode, the arguments checked, Megatron-LM's globals),
@@ -13,8 +13,13 @@ the previous one, so one set of workers can run layout after layout.
 tools/bench/ and the GPU tests; its TransformerConfig becomes the flags that describe it
 (``flags_for``), and a config the flags cannot express is refused.
 
-Samples use the LlamaGen C2I layout by default: a short condition, 256 image tokens
-(256 px with a 16x VQ) from a 16,384-code book, and a per-sample target f_GF.
+Samples (``tiny.synthetic_samples``) use the LlamaGen C2I layout by default: a short condition,
+256 image tokens (256 px with a 16x VQ) from a 16,384-code book, and a per-sample target f_GF.
+
+Nothing here is a second training step: the chunks come from ``setup_model_and_optimizer`` with
+the loop's ``model_provider``, the forward step and loss are the loop's, and what ``train()``
+and ``train_step`` do around them (the config's gradient hooks, zeroed gradients, the rerun
+state machine) is repeated line for line, as megatron-core 0.19 has no function for either.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Dict, List, Optional
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from arra_megatron import tiny
 from arra_megatron.config import ARRAConfig
 from arra_megatron.models.specs import Backend
-from arra_megatron.testing import tiny
 from arra_megatron.training import megatron_loop
 from arra_megatron.training.forward_step import ARRAForwardStep, read_metrics
 
@@ -37,6 +42,20 @@ IMAGE_RANGE = (64, 64 + 16384)   # LlamaGen VQ-16 codebook after 64 condition/sp
 
 
 # ----------------------------------------------------------------------------- the loop's model
+def rank_microbatches(samples: Dict[str, torch.Tensor], micro_batch_size: int, data_parallel_rank: int = 0,
+                      data_parallel_size: int = 1) -> List[Dict[str, torch.Tensor]]:
+    """This data-parallel rank's contiguous share of the global batch, cut into micro-batches."""
+    n = next(iter(samples.values())).size(0)
+    if n % (micro_batch_size * data_parallel_size):
+        raise ValueError(f"global batch {n} is not divisible by micro batch {micro_batch_size} x DP {data_parallel_size}")
+    per_rank = n // data_parallel_size
+    start = data_parallel_rank * per_rank
+    return [
+        {k: v[i:i + micro_batch_size] for k, v in samples.items() if k != "has_image"}
+        for i in range(start, start + per_rank, micro_batch_size)
+    ]
+
+
 @dataclasses.dataclass
 class LoopModel:
     """What ``pretrain`` holds before its first step: arguments, model chunks (DDP-wrapped),
@@ -62,7 +81,7 @@ class LoopModel:
         """This data-parallel rank's micro-batches of the global batch ``samples``."""
         from megatron.core import parallel_state
 
-        return tiny.microbatches(samples, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+        return rank_microbatches(samples, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size())
 
     def schedule(self, microbatches: list, forward_only: bool = False) -> list:
@@ -174,11 +193,13 @@ def flags_for(config: TransformerConfig, arra: ARRAConfig) -> List[str]:
     else:
         flags += ["--arra-align-layer", arra.align_layer, "--arra-weight", arra.weight, "--arra-objective",
                   arra.objective, "--arra-target", arra.target, "--arra-projector", arra.projector,
-                  "--arra-target-dim", arra.target_dim, "--arra-aggregation", arra.aggregation]
+                  "--arra-aggregation", arra.aggregation]
+        flags += ["--arra-target-dim", arra.target_dim] if arra.target_dim is not None else []
     return [str(flag) for flag in flags]
 
 
 def check_config(built: TransformerConfig, wanted: TransformerConfig) -> None:
+    """Refuse a config the loop built from ``flags_for`` that differs from ``wanted`` on a field of ``CONFIG_FIELDS``."""
     differ = {name: (getattr(built, name), getattr(wanted, name)) for name in CONFIG_FIELDS
               if getattr(built, name) != getattr(wanted, name)}
     if differ:
@@ -215,7 +236,8 @@ def build_runner(config: TransformerConfig, arra: ARRAConfig, seq_length: int, m
                  num_image_tokens: int = IMAGE_TOKENS, image_range=IMAGE_RANGE, lr: float = 1e-4,
                  data_seed: int = 1) -> StepRunner:
     """The loop's model for ``config`` built from ``seed`` (same seed: same weights), Adam at a
-    constant ``lr``, and a fixed global batch of synthetic samples (``data_seed``).
+    constant ``lr``, and a fixed global batch of synthetic samples (``data_seed``) whose targets
+    have the loop's D (``--arra-target-dim``, or the mock data's default).
 
     The rerun state machine is off (``--rerun-mode disabled``, as megatron.training turns it off
     for an evaluation): callers may run the schedule without ``train_step``'s rerun loop; a NaN
@@ -228,9 +250,10 @@ def build_runner(config: TransformerConfig, arra: ARRAConfig, seq_length: int, m
         "--micro-batch-size", str(micro_batch_size), "--global-batch-size", str(global_batch),
         "--train-iters", "1000", "--lr", str(lr), "--lr-decay-style", "constant", "--seed", str(seed),
         "--mock-data", "--vocab-size", str(vocab), "--rerun-mode", "disabled"]
-    model = loop_model(argv, megatron_loop.DataLayout(vocab, tuple(image_range), arra.target_dim))
+    model = loop_model(argv, megatron_loop.DataLayout(vocab, tuple(image_range)))
     check_config(model.config, config)
     samples = tiny.synthetic_samples(global_batch, seq_length, num_image_tokens=num_image_tokens,
-                                     target_dim=arra.target_dim, seed=data_seed, image_token_range=image_range)
+                                     target_dim=model.args.arra_target_dim, seed=data_seed,
+                                     image_token_range=image_range)
     return StepRunner(model, model.optimizer, model.step, model.microbatches(samples), seq_length, micro_batch_size,
                       megatron_loop.padded_vocab_size(model.args))

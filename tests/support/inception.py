@@ -17,6 +17,7 @@ import torch
 
 
 def save_random_inception(path: Path, seed: int = 0) -> Path:
+    """torch-fidelity's InceptionV3 with random weights, saved at ``path`` as a state dict."""
     from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
-"""Tiny tokenizers, VQ models and images for data/tokenization tests (built locally, no downloads).
+"""Tiny tokenizers, a Chameleon VQ, images and tar shards for the tests (built locally, no downloads).
 
-Pytest fixtures at the bottom are session-scoped so the models are built once;
-test directories import them in their conftest.py.
+The session fixtures that build them once are in tests/conftest.py; the Janus VQ the demo
+also uses is ``arra_megatron.tiny.make_janus_vq``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -56,26 +55,6 @@ def make_hf_tokenizer(directory: Path) -> Path:
     return directory
 
 
-def make_janus_vq(directory: Path, seed: int = 0) -> Path:
-    """Random JanusVQVAE: 4x downsampling, 64 codes of dim 8, codebook rows of very different norms.
-
-    Different row norms make Euclidean (transformers) and cosine (LlamaGen) lookups disagree,
-    which is what the tests must be able to see.
-    """
-    from transformers import JanusVQVAE, JanusVQVAEConfig
-
-    torch.manual_seed(seed)
-    config = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-                              channel_multiplier=[1, 1, 2], num_res_blocks=1, num_patches=8,
-                              projection_dim=32, image_token_embed_dim=32)
-    model = JanusVQVAE(config).eval()
-    with torch.no_grad():
-        weight = model.quantize.embedding.weight
-        weight.copy_(torch.randn_like(weight) * torch.logspace(-1, 1, weight.shape[0])[:, None])
-    model.save_pretrained(str(directory))
-    return directory
-
-
 def make_chameleon_vq(directory: Path, seed: int = 0) -> Path:
     """Random ChameleonVQVAE: 4x downsampling, 64 codes of dim 8."""
     from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
@@ -98,6 +77,7 @@ def make_image(seed: int, size: Tuple[int, int] = (40, 32)) -> Image.Image:
 
 
 def encode_image(image: Image.Image, format: str, **params) -> bytes:
+    """``image`` as the bytes of a ``format`` file (PIL's writer and its ``params``)."""
     buffer = io.BytesIO()
     image.save(buffer, format=format, **params)
     return buffer.getvalue()
@@ -130,25 +110,3 @@ def image_modes_zoo(seed: int) -> List[Tuple[str, str, bytes]]:
         ("gray_alpha", "png", encode_image(rgb.convert("LA"), "PNG")),
         ("webp", "webp", encode_image(rgb, "WEBP", lossless=True)),
     ]
-
-
-@pytest.fixture(scope="session")
-def sp_model(tmp_path_factory) -> Path:
-    return train_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))
-
-
-@pytest.fixture(scope="session")
-def hf_tokenizer_dir(tmp_path_factory) -> Path:
-    return make_hf_tokenizer(tmp_path_factory.mktemp("hf_tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def janus_vq_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return make_janus_vq(tmp_path_factory.mktemp("janus_vq"))
-
-
-@pytest.fixture(scope="session")
-def chameleon_vq_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return make_chameleon_vq(tmp_path_factory.mktemp("chameleon_vq"))

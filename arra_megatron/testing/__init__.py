@@ -1,1 +1,0 @@
-"""Shared fixtures for tests and benchmarks: tiny models, synthetic ARRA batches, process launch."""

@@ -1,0 +1,1 @@
+"""Helpers the tests share: generated tokenizers, models, images and evaluation networks."""
