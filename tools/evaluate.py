@@ -19,11 +19,11 @@ Examples:
 
     # reference statistics from a folder of real images, once
     python tools/evaluate.py --ref /data/mimic_test_512 --save-ref-stats mimic_test_xrv.npz \\
-        --fid-feature-net xrv:/models/xrv-densenet121-all.pt
+        --fid-feature-net xrv:/models/xrv-densenet121-all.pt --allow-pickled-weights
 
     # MIMIC-CXR as in the paper: XRV FID, BiomedCLIP CLIP-Score, MS-SSIM over 1000 random pairs
     python tools/evaluate.py --generated samples/ --ref mimic_test_xrv.npz \\
-        --fid-feature-net xrv:/models/xrv-densenet121-all.pt --clip-model /models/BiomedCLIP \\
+        --fid-feature-net xrv:/models/xrv-densenet121-all.pt --allow-pickled-weights --clip-model /models/BiomedCLIP \\
         --metrics fid clip-score ms-ssim
 
     # 50,000 images on every GPU of a node (each process scores every 8th image; one report)
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-feature-net", default="inception",
                    help="inception | torchvision:ARCH:/path/weights.pth | xrv:/path/weights.pt | "
                         "timm:ARCH:/path/weights.safetensors | python:MODULE:FUNCTION (asked for aggregation cls)")
+    p.add_argument("--allow-pickled-weights", action="store_true",
+                   help="read a --fid-feature-net weights file that is a pickled model (torchxrayvision ships its "
+                        "DenseNets so); unpickling runs code from the file: only for files you trust")
     p.add_argument("--clip-model", help="open_clip local-dir for CLIP-Score (CLIP, BiomedCLIP)")
     p.add_argument("--prompts", help="JSONL of {file, prompt} (default GENERATED/samples.jsonl)")
     p.add_argument("--ms-ssim-pairs", type=int, default=1000, help="random pairs of generated images for MS-SSIM")
@@ -87,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = EvalConfig(generated=args.generated, ref=args.ref, metrics=tuple(dict.fromkeys(args.metrics)),
                          inception_weights=args.inception_weights, inception_features=args.inception_features,
-                         fid_feature_net=args.fid_feature_net, clip_model=args.clip_model, prompts=args.prompts,
+                         fid_feature_net=args.fid_feature_net,
+                         allow_pickled_weights=args.allow_pickled_weights, clip_model=args.clip_model, prompts=args.prompts,
                          ms_ssim_pairs=args.ms_ssim_pairs, is_splits=args.is_splits, image_size=args.image_size,
                          save_ref_stats=args.save_ref_stats, batch_size=args.batch_size, workers=args.workers,
                          seed=args.seed, device=args.device, progress=not args.no_progress)

@@ -13,7 +13,8 @@
   classifier (global-pooled), the image is resized to 224 and normalised with ImageNet
   statistics, as torchvision's own eval transforms do.
 - ``xrv:PATH``: torchxrayvision's chest-X-ray DenseNet-121 (the paper's MIMIC-CXR FID),
-  weights file as torchxrayvision ships it (a pickled model, e.g.
+  weights file as torchxrayvision ships it (a pickled model, read only with
+  ``--allow-pickled-weights`` since unpickling runs code from the file; e.g.
   ``nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt``)
   or its ``state_dict``; features are ``DenseNet.features2`` (1024-d). The image is
   turned into torchxrayvision's input: channel mean, scaled to [-1024, 1024]
@@ -101,15 +102,23 @@ class InceptionFeatures(FeatureNet):
         return result
 
 
-def _load_state_dict(path: Path, flag: str) -> Dict[str, torch.Tensor]:
-    """A state dict, from a plain state-dict file or a pickled whole model (as torchxrayvision ships).
+PICKLE_FLAG = "--allow-pickled-weights"
 
-    The pickle route runs code from the file (``weights_only=False``): only for local files
-    the user names, as torch-fidelity itself does for its Inception weights.
+
+def _load_state_dict(path: Path, flag: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """A state dict, from a plain state-dict file (``weights_only=True``), or, with
+    ``allow_pickle`` (``--allow-pickled-weights``), from a pickled whole model as
+    torchxrayvision ships it: unpickling runs code from the file, so it is never done unasked.
     """
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled nn.Module: needs the full unpickler
+    except Exception as safe_error:  # noqa: BLE001 - a pickled object, or not a torch file at all
+        if not allow_pickle:
+            raise ValueError(
+                f"{flag} {path}: not a plain state dict ({type(safe_error).__name__} under weights_only=True: "
+                f"{str(safe_error).splitlines()[0][:200]}). If it is a pickled model (as torchxrayvision ships its "
+                f"weights), loading it runs code from the file: re-save it as a state dict "
+                f"(torch.save(model.state_dict(), PATH)), or pass {PICKLE_FLAG} if you trust the file") from None
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:  # not a torch file at all
@@ -127,7 +136,7 @@ def _load_state_dict(path: Path, flag: str) -> Dict[str, torch.Tensor]:
 class TorchvisionFeatures(FeatureNet):
     """A torchvision classifier's pooled penultimate features (its head replaced by Identity)."""
 
-    def __init__(self, arch: str, weights: str | Path, resize: int = 224) -> None:
+    def __init__(self, arch: str, weights: str | Path, resize: int = 224, allow_pickle: bool = False) -> None:
         import torchvision
 
         path = _weights_file(weights, "--fid-feature-net")
@@ -137,7 +146,7 @@ class TorchvisionFeatures(FeatureNet):
         except ValueError as error:
             raise ValueError(f"--fid-feature-net torchvision:{arch}:...: {error}") from error
         try:
-            model.load_state_dict(_load_state_dict(path, "--fid-feature-net"))
+            model.load_state_dict(_load_state_dict(path, "--fid-feature-net", allow_pickle))
         except RuntimeError as error:  # missing / unexpected keys, other shapes
             raise ValueError(f"--fid-feature-net torchvision:{arch}:{path}: weights do not fit {arch} "
                              f"({str(error)[:300]})") from error
@@ -160,7 +169,7 @@ class XRVFeatures(FeatureNet):
 
     RESOLUTION = 224
 
-    def __init__(self, weights: str | Path) -> None:
+    def __init__(self, weights: str | Path, allow_pickle: bool = False) -> None:
         try:
             import torchxrayvision as xrv
         except ImportError as error:
@@ -168,7 +177,7 @@ class XRVFeatures(FeatureNet):
                               "install it (pip install torchxrayvision) or use torchvision:densenet121:PATH") from error
         path = _weights_file(weights, "--fid-feature-net")
         super().__init__("xrv:densenet121", path)
-        state = _load_state_dict(path, "--fid-feature-net")
+        state = _load_state_dict(path, "--fid-feature-net", allow_pickle)
         state.pop("op_threshs", None)
         num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 18
         model = xrv.models.DenseNet(num_classes=num_classes, weights=None)
@@ -214,8 +223,9 @@ class EncoderFeatures(FeatureNet):
 
 
 def load_feature_net(spec: str, inception_weights: Optional[str] = None, feature_layer: str = "2048",
-                     logits: bool = False) -> FeatureNet:
-    """Build the FID feature network named by ``--fid-feature-net`` (see the module doc)."""
+                     logits: bool = False, allow_pickle: bool = False) -> FeatureNet:
+    """Build the FID feature network named by ``--fid-feature-net`` (see the module doc);
+    ``allow_pickle`` (``--allow-pickled-weights``) admits a weights file that is a pickled model."""
     kind, _, rest = spec.partition(":")
     if kind == "inception" and not rest:
         if not inception_weights:
@@ -224,9 +234,9 @@ def load_feature_net(spec: str, inception_weights: Optional[str] = None, feature
     if kind == "torchvision":
         arch, _, path = rest.partition(":")
         if arch and path:
-            return TorchvisionFeatures(arch, path)
+            return TorchvisionFeatures(arch, path, allow_pickle=allow_pickle)
     if kind == "xrv" and rest:
-        return XRVFeatures(rest)
+        return XRVFeatures(rest, allow_pickle=allow_pickle)
     if kind in ("timm", "python"):
         return EncoderFeatures(spec, "cls" if kind == "python" else None)
     raise ValueError(f"--fid-feature-net {spec!r}: use 'inception', 'torchvision:ARCH:/path/weights.pth', "

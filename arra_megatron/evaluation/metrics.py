@@ -261,6 +261,7 @@ class EvalConfig:
     inception_weights: Optional[str] = None
     inception_features: str = "2048"
     fid_feature_net: str = "inception"
+    allow_pickled_weights: bool = False  # a --fid-feature-net weights file that is a pickled model (runs its code)
     clip_model: Optional[str] = None
     prompts: Optional[str] = None
     ms_ssim_pairs: int = 1000
@@ -418,7 +419,7 @@ def evaluate(cfg: EvalConfig) -> Dict[str, Any]:
     inception: Optional[FeatureNet] = None
     if fid:
         fid_net = load_feature_net(cfg.fid_feature_net, cfg.inception_weights, cfg.inception_features,
-                                   logits="is" in metrics).to(device)
+                                   logits="is" in metrics, allow_pickle=cfg.allow_pickled_weights).to(device)
     if "is" in metrics:
         inception = fid_net if isinstance(fid_net, InceptionFeatures) else \
             InceptionFeatures(cfg.inception_weights, cfg.inception_features, logits=True).to(device)
