@@ -10,7 +10,7 @@ is here and names the flag to change. See ../shared/design/ARRA_METHOD.md.
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional
+from typing import ClassVar, Dict, List, Optional
 
 from arra_megatron.encoders import AGGREGATIONS, SPEC_HELP, parse_encoder_spec
 
@@ -102,6 +102,16 @@ class ARRAConfig:
     def from_args(cls, args: argparse.Namespace) -> "ARRAConfig":
         """The config the parsed ``--arra-*`` flags describe (checked as any other)."""
         return cls(**{f.name: getattr(args, cls.dest(f.name)) for f in dataclasses.fields(cls)})
+
+    def to_flags(self) -> List[str]:
+        """The ``--arra-*`` flags that give this config (a field at its default is left out)."""
+        flags: List[str] = []
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), self.FLAGS[f.name]
+            if value == f.default:
+                continue
+            flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        return flags
 
     def replace(self, **changes) -> "ARRAConfig":
         return dataclasses.replace(self, **changes)

@@ -103,3 +103,17 @@ def test_target_dim_defaults_to_what_records_it():
     assert "the checkpoint of --load ckpt has D 16 but the feature table of --data-path ds has D 6" in str(err.value)
     with pytest.raises(ARRAConfigError, match="nothing records D.*: set --arra-target-dim"):
         ARRAConfig().with_target_dim({})
+
+
+def test_to_flags_parse_back_to_the_config():
+    """``to_flags`` through the loop's own parser gives the same config (booleans as --no-*)."""
+    from arra_megatron.training.megatron_loop import build_parser
+
+    base = ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2"]
+    for config in (ARRAConfig(), ARRAConfig(enabled=False, loss_on_text=True),
+                   ARRAConfig(align_layer=3, weight=0.5, objective="mse", target="rep", projector="pool",
+                              target_dim=16, aggregation="avgpool", targets="online", encoder="timm:vit:/w.pt",
+                              z_loss_weight=1e-5, condition_dropout_prob=0.1)):
+        args = build_parser().parse_args(base + config.to_flags())
+        assert ARRAConfig.from_args(args) == config, config.to_flags()
+    assert ARRAConfig(enabled=False).to_flags() == ["--no-arra"]

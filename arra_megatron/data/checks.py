@@ -46,11 +46,12 @@ def data_prefixes(data_path: List[str], flag: str = "--data-path") -> List[str]:
     return data_blend(data_path, flag)[0]
 
 
-def check_data_flags(args, encoder_dim_check) -> None:
+def check_data_flags(args, layout_check) -> None:
     """Every dataset a data flag names exists and fits the model flags in ``args``:
     vocabulary within ``--vocab-size``, documents within ``--seq-length``, precomputed
     targets present (unless online or ``--no-arra``) and from one encoder.
-    ``encoder_dim_check(dim, has_images)`` validates the ARRA settings against a dataset."""
+    ``layout_check(has_images)`` validates the ARRA settings against a dataset's sample layout
+    (its D is compared by ``ARRAConfig.with_target_dim``)."""
     import os
 
     from arra_megatron.data.manifest import DatasetManifest
@@ -77,7 +78,7 @@ def check_data_flags(args, encoder_dim_check) -> None:
                 if manifest.features is None:
                     raise DataFlagError(f"{flag} {prefix} has no precomputed ARRA targets: add them with "
                                         "tools/precompute_features.py, use --arra-targets online, or --no-arra")
-                encoder_dim_check(manifest.features.dim, profile.tokens_per_image > 0)
+                layout_check(profile.tokens_per_image > 0)
     if precomputed:
         check_one_encoder(named)
 

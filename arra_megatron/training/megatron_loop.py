@@ -259,7 +259,7 @@ def prepare_args(args: argparse.Namespace, layout: DataLayout) -> DataLayout:
 
         check_arra()  # what needs no D, before an encoder is loaded for it
         # each dataset's D is one of the recorded_target_dims, compared (and named) by with_target_dim
-        check_data_flags(args, lambda dim, has_images: check_arra(has_images))
+        check_data_flags(args, check_arra)
         if arra.enabled:
             arra = arra.with_target_dim(recorded_target_dims(args, arra, layout))
             check_arra()

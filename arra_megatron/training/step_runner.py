@@ -188,14 +188,7 @@ def flags_for(config: TransformerConfig, arra: ARRAConfig) -> List[str]:
         if config.recompute_method:
             flags += ["--recompute-method", config.recompute_method, "--recompute-num-layers",
                       config.recompute_num_layers]
-    if not arra.enabled:
-        flags += ["--no-arra"]
-    else:
-        flags += ["--arra-align-layer", arra.align_layer, "--arra-weight", arra.weight, "--arra-objective",
-                  arra.objective, "--arra-target", arra.target, "--arra-projector", arra.projector,
-                  "--arra-aggregation", arra.aggregation]
-        flags += ["--arra-target-dim", arra.target_dim] if arra.target_dim is not None else []
-    return [str(flag) for flag in flags]
+    return [str(flag) for flag in flags + arra.to_flags()]
 
 
 def check_config(built: TransformerConfig, wanted: TransformerConfig) -> None:
