@@ -31,16 +31,16 @@ from arra_megatron.data.samples import sample_from_document
 from arra_megatron.tokenization.profile import TokenizerProfile
 
 
-def read_layout(prefixes: List[str]) -> Tuple[TokenizerProfile, Optional[int]]:
-    """The tokenizer profile the datasets at ``prefixes`` share, and the width D of their
-    precomputed targets (None when they have none)."""
+def read_layout(prefixes: List[str]) -> Tuple[TokenizerProfile, Dict[str, int]]:
+    """The tokenizer profile the datasets at ``prefixes`` share, and the width D of the
+    precomputed targets of each prefix that has a feature table (prefix -> D)."""
     manifests = [DatasetManifest.read(prefix) for prefix in prefixes]
     for prefix, manifest in zip(prefixes[1:], manifests[1:]):
         if manifest.tokenizer_profile != manifests[0].tokenizer_profile:
             raise ValueError(f"--data-path: {prefix} has a different tokenizer profile than {prefixes[0]}; "
                              "blended datasets and held-out sets must share one vocabulary layout")
-    dims = {m.feature_dim for m in manifests if m.feature_dim is not None}
-    return manifests[0].tokenizer_profile, (dims.pop() if len(dims) == 1 else None)
+    dims = {prefix: m.feature_dim for prefix, m in zip(prefixes, manifests) if m.feature_dim is not None}
+    return manifests[0].tokenizer_profile, dims
 
 
 class ARRALowLevelDataset:

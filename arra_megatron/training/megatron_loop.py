@@ -207,17 +207,15 @@ def data_layout(args: argparse.Namespace) -> DataLayout:
     named = named_data_paths(vars(args))
     if not named:
         raise SystemExit("give --data-path (or --train-data-path ...) or --mock-data")
-    prefixes, target_dims = [], {}
+    flags = {}  # prefix -> the flag that names it
     for flag, path in named:
         for prefix in data_prefixes(path, flag):
             if not os.path.isfile(prefix + ".json"):
                 raise SystemExit(f"{flag} {prefix}: no dataset there (no {prefix}.json; build it with "
                                  "tools/build_indexed_dataset.py)")
-            prefixes.append(prefix)
-            _, target_dim = read_layout([prefix])
-            if target_dim is not None:
-                target_dims[f"the feature table of {flag} {prefix}"] = target_dim
-    profile, _ = read_layout(prefixes)
+            flags.setdefault(prefix, flag)
+    profile, dims = read_layout(list(flags))
+    target_dims = {f"the feature table of {flags[prefix]} {prefix}": dim for prefix, dim in dims.items()}
     # A larger --vocab-size reserves ids (a later dataset's); a smaller one fails in check_data_flags.
     vocab_size = max(profile.vocab_size, args.vocab_size or 0)
     return DataLayout(vocab_size, tuple(profile.image_token_range), target_dims)
